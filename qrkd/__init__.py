@@ -1,0 +1,28 @@
+"""qrkd: fast, exact, differentiable relational knowledge-distillation losses for PyTorch."""
+
+from .backends import available_backends, backend_status
+from .functional import (
+    fidelity_kernel_loss,
+    fidelity_kernel_matrix,
+    kd_loss,
+    rkd_angle_loss,
+    rkd_distance_loss,
+)
+from .losses import DistillationLoss, FidelityKernelLoss, KDLoss, RKDAngleLoss, RKDDistanceLoss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DistillationLoss",
+    "FidelityKernelLoss",
+    "KDLoss",
+    "RKDAngleLoss",
+    "RKDDistanceLoss",
+    "available_backends",
+    "backend_status",
+    "fidelity_kernel_loss",
+    "fidelity_kernel_matrix",
+    "kd_loss",
+    "rkd_angle_loss",
+    "rkd_distance_loss",
+]

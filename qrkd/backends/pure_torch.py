@@ -1,0 +1,139 @@
+"""Pure torch, O(N^2) memory for every relation: the portable fallback (backend "torch").
+
+The angle loss uses the law of cosines on pairwise squared distances (DESIGN.md 3.3), walks the anchors in chunks so
+that no N^3 tensor exists, and recomputes in backward instead of saving intermediates.
+"""
+
+import torch
+import torch.nn.functional as F
+
+EPS = 1e-12
+# elements of one anchor chunk (chunk x N x N); about a dozen such temporaries are alive at once
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def status():
+    return True, "pure torch, O(N^2) memory"
+
+
+def supports(op, device_type, dtype):
+    if op == "photonic_fidelity":
+        return dtype in (torch.complex64, torch.complex128)
+    return dtype in (torch.float32, torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------------------- distance
+
+
+def squared_distances_gram(x):
+    """|x_i - x_j|^2 from the Gram matrix of the centred features, with an exact zero diagonal."""
+    xc = x - x.mean(dim=0, keepdim=True)
+    sq = xc.pow(2).sum(dim=1)
+    q = sq.unsqueeze(1) + sq.unsqueeze(0) - 2.0 * (xc @ xc.t())
+    eye = torch.eye(len(x), dtype=torch.bool, device=x.device)
+    return q.masked_fill(eye, 0.0)
+
+
+def normalised_distances(x, zero_diagonal):
+    d = squared_distances_gram(x).clamp(min=EPS).sqrt()
+    if zero_diagonal:
+        eye = torch.eye(len(x), dtype=torch.bool, device=x.device)
+        d = d.masked_fill(eye, 0.0)
+    positive = d > 0
+    count = positive.sum()
+    if count == 0:
+        return d * 0.0
+    mu = torch.where(positive, d, torch.zeros_like(d)).sum() / count + EPS
+    return d / mu
+
+
+def rkd_distance_loss(student, teacher, zero_diagonal=False):
+    with torch.no_grad():
+        t = normalised_distances(teacher, zero_diagonal)
+    return F.smooth_l1_loss(normalised_distances(student, zero_diagonal), t)
+
+
+# ------------------------------------------------------------------------------------------------------------- angle
+
+
+def squared_distances_exact(x):
+    """|x_i - x_j|^2 summed from differences: exact duplicates give exactly 0, close points stay accurate."""
+    return torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist").pow(2)
+
+
+def _inverse(d):
+    return torch.where(d > 0, 1.0 / torch.where(d > 0, d, torch.ones_like(d)), torch.zeros_like(d))
+
+
+def _angles(q, inv_d, rows):
+    """Angles of the anchors `rows`: A[a, b, c] = (q_ab + q_ac - q_bc) r_abc, r_abc = 1 / (2 d_ab d_ac) (0 if either
+    distance is 0). Returns (A, r), both chunk x N x N."""
+    qa, ia = q[rows], inv_d[rows]
+    r = 0.5 * ia.unsqueeze(2) * ia.unsqueeze(1)
+    return (qa.unsqueeze(2) + qa.unsqueeze(1) - q.unsqueeze(0)) * r, r
+
+
+def angle_pass(qs, qt, want_grad):
+    """Sum of smooth_l1 over all N^3 triplets and, if asked, G = d(sum)/dq_s (N x N, ordered pairs)."""
+    n = qs.shape[0]
+    inv_s, inv_t = _inverse(qs.sqrt()), _inverse(qt.sqrt())
+    chunk = max(1, min(n, _CHUNK_ELEMENTS // (n * n)))
+    total = qs.new_zeros(())
+    grad = torch.zeros_like(qs) if want_grad else None
+    for start in range(0, n, chunk):
+        rows = slice(start, min(start + chunk, n))
+        a_s, r = _angles(qs, inv_s, rows)
+        a_t, _ = _angles(qt, inv_t, rows)
+        u = a_s - a_t
+        au = u.abs()
+        total = total + torch.where(au < 1.0, 0.5 * u * u, au - 0.5).sum()
+        if want_grad:
+            g = u.clamp(-1.0, 1.0)
+            gr = g * r  # zero wherever the student's d_ab or d_ac is 0: no gradient there
+            ia = inv_s[rows]
+            # dA/dq_ab = r - A / (2 q_ab); the b<->c symmetry doubles the q_ab term into the q_ac one
+            grad[rows] += 2.0 * (gr.sum(dim=2) - 0.5 * ia * ia * (g * a_s).sum(dim=2))
+            grad -= gr.sum(dim=0)  # dA/dq_bc = -r
+    return total, grad
+
+
+def grad_from_pair_grad(x, grad_q):
+    """dL/dx from dL/dq for q_uv = |x_u - x_v|^2 over ordered pairs: dx_u = 2 sum_v (G_uv + G_vu)(x_u - x_v)."""
+    h = grad_q + grad_q.t()
+    return 2.0 * (h.sum(dim=1, keepdim=True) * x - h @ x)
+
+
+class _AngleLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, teacher):
+        qs, qt = squared_distances_exact(student), squared_distances_exact(teacher)
+        total, _ = angle_pass(qs, qt, want_grad=False)
+        ctx.save_for_backward(student, teacher)
+        return total / float(student.shape[0]) ** 3
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        student, teacher = ctx.saved_tensors
+        qs, qt = squared_distances_exact(student), squared_distances_exact(teacher)
+        _, grad_q = angle_pass(qs, qt, want_grad=True)
+        scale = grad_output / float(student.shape[0]) ** 3
+        return grad_from_pair_grad(student, grad_q) * scale, None
+
+
+def rkd_angle_loss(student, teacher):
+    return _AngleLoss.apply(student, teacher)
+
+
+# ---------------------------------------------------------------------------------------------- fidelity (classical)
+
+
+def fidelity_kernel_matrix(x):
+    psi = F.normalize(x, p=2, dim=1, eps=EPS)
+    return (psi @ psi.t()).pow(2)
+
+
+def fidelity_kernel_loss(student, teacher):
+    with torch.no_grad():
+        kt = fidelity_kernel_matrix(teacher)
+    return F.smooth_l1_loss(fidelity_kernel_matrix(student), kt)

@@ -1,0 +1,78 @@
+"""The oracle: the seed's formulas in eager torch, materialising every relation (DESIGN.md section 3).
+
+Memory is O(N^2 D + N^3) for the angle loss; that is the point of comparison, not a bug. The one departure from the
+seed is DESIGN.md 3.3's rule that an angle triplet whose anchor coincides with one of its other points contributes
+its value 0 and no gradient. This module imports nothing of the package.
+"""
+
+import torch
+import torch.nn.functional as F
+
+EPS = 1e-12
+
+
+def status():
+    return True, "eager torch, materialising (the oracle)"
+
+
+def supports(op, device_type, dtype):
+    return dtype in (torch.float32, torch.float64) or (op == "photonic_fidelity" and dtype.is_complex)
+
+
+def pairwise_distances(x, zero_diagonal=False):
+    """pd(X)_ij = sqrt(clamp(|x_i|^2 + |x_j|^2 - 2 x_i.x_j, 1e-12)), the seed's Gram formula."""
+    sq = x.pow(2).sum(dim=1)
+    q = (sq.unsqueeze(1) + sq.unsqueeze(0) - 2.0 * (x @ x.t())).clamp(min=EPS)
+    d = q.sqrt()
+    if zero_diagonal:
+        d = d.clone()
+        idx = torch.arange(len(x), device=x.device)
+        d[idx, idx] = 0.0
+    return d
+
+
+def _normalise_by_mean(d):
+    positive = d[d > 0]
+    if positive.numel() == 0:
+        return d * 0.0
+    return d / (positive.mean() + EPS)
+
+
+def rkd_distance_loss(student, teacher, zero_diagonal=False):
+    with torch.no_grad():
+        t = _normalise_by_mean(pairwise_distances(teacher, zero_diagonal))
+    s = _normalise_by_mean(pairwise_distances(student, zero_diagonal))
+    return F.smooth_l1_loss(s, t)
+
+
+def triplet_angles(x):
+    """All N^3 cosines e_ab . e_ac (flattened), e_ab = (x_b - x_a) / max(|x_b - x_a|, 1e-12).
+
+    A pair whose difference is exactly zero gives e_ab = 0 with no gradient (DESIGN.md 3.3): the seed's
+    normalisation would differentiate 0 / 1e-12 there.
+    """
+    diff = x.unsqueeze(0) - x.unsqueeze(1)  # diff[a, b] = x_b - x_a
+    sq = diff.pow(2).sum(dim=2, keepdim=True)
+    nonzero = sq > 0
+    norm = torch.where(nonzero, sq, torch.ones_like(sq)).sqrt().clamp(min=EPS)
+    unit = torch.where(nonzero, diff / norm, torch.zeros_like(diff))
+    return torch.bmm(unit, unit.transpose(1, 2)).reshape(-1)
+
+
+def rkd_angle_loss(student, teacher):
+    with torch.no_grad():
+        t = triplet_angles(teacher)
+    s = triplet_angles(student)
+    return F.smooth_l1_loss(s, t)
+
+
+def fidelity_kernel_matrix(x):
+    """K_ij = (psi_i . psi_j)^2 with psi_i = x_i / max(|x_i|, 1e-12)."""
+    psi = F.normalize(x, p=2, dim=1, eps=EPS)
+    return (psi @ psi.t()).pow(2)
+
+
+def fidelity_kernel_loss(student, teacher):
+    with torch.no_grad():
+        kt = fidelity_kernel_matrix(teacher)
+    return F.smooth_l1_loss(fidelity_kernel_matrix(student), kt)

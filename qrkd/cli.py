@@ -1,0 +1,43 @@
+"""The `qrkd` command."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+
+def cmd_info(args) -> int:
+    import torch
+
+    import qrkd
+    from qrkd import backends
+
+    print(f"qrkd {qrkd.__version__}  python {platform.python_version()}  torch {torch.__version__}")
+    print(f"cuda available: {torch.cuda.is_available()}  threads: {torch.get_num_threads()}")
+    print("backends:")
+    for name, (ok, detail) in backends.backend_status().items():
+        print(f"  {name:<10} {'yes' if ok else 'no ':<4} {detail}")
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    print("auto picks:")
+    for device in devices:
+        picks = ", ".join(f"{op}={backends.auto_backend_name(op, device)}" for op in backends.OPS[:4])
+        print(f"  {device}: {picks}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qrkd", description="Relational knowledge-distillation losses and experiments")
+    sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="versions, backends and what `auto` picks")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""The loss functions: input checks, then dispatch to a backend (DESIGN.md sections 3 and 4).
+
+The teacher side never receives gradient: it is detached here, before any backend sees it. Half-precision features
+are computed in float32 (the relations divide by distances and norms) and the loss is returned in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import backends
+
+_UPCAST = (torch.float16, torch.bfloat16)
+
+
+def check_features(name: str, x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (batch, features), got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} must have at least one row (batch size N >= 1), got shape {tuple(x.shape)}")
+    if x.shape[1] == 0:
+        raise ValueError(f"{name} must have at least one feature column, got shape {tuple(x.shape)}")
+
+
+def _prepare_pair(student, teacher):
+    check_features("student", student)
+    check_features("teacher", teacher)
+    if student.shape[0] != teacher.shape[0]:
+        raise ValueError(
+            f"student and teacher must have the same batch size, got {student.shape[0]} and {teacher.shape[0]}"
+        )
+    if student.device != teacher.device:
+        raise ValueError(f"student and teacher must be on one device, got {student.device} and {teacher.device}")
+    if student.dtype in _UPCAST:
+        student = student.float()
+    return student, teacher.detach().to(student.dtype)
+
+
+def _prepare_single(name, x):
+    check_features(name, x)
+    return x.float() if x.dtype in _UPCAST else x
+
+
+def kd_loss(student_logits, teacher_logits, temperature: float = 4.0, alpha: float = 0.5):
+    """alpha * T^2 * KL(softmax(t / T) || softmax(s / T)), batch-mean (Hinton et al.)."""
+    student_logits, teacher_logits = _prepare_pair(student_logits, teacher_logits)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student_logits and teacher_logits must have one shape, got {tuple(student_logits.shape)} and "
+            f"{tuple(teacher_logits.shape)}"
+        )
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    log_p_s = F.log_softmax(student_logits / temperature, dim=1)
+    p_t = F.softmax(teacher_logits / temperature, dim=1)
+    return alpha * temperature**2 * F.kl_div(log_p_s, p_t, reduction="batchmean")
+
+
+def rkd_distance_loss(student, teacher, *, zero_diagonal: bool = False, backend: str = "auto"):
+    """RKD distance loss (DESIGN.md 3.2). zero_diagonal=False is the seed's convention, True the original RKD one."""
+    student, teacher = _prepare_pair(student, teacher)
+    impl = backends.resolve(backend, "rkd_distance_loss", student)
+    return impl.rkd_distance_loss(student, teacher, bool(zero_diagonal))
+
+
+def rkd_angle_loss(student, teacher, *, backend: str = "auto"):
+    """RKD angle loss over all N^3 triplets (DESIGN.md 3.3)."""
+    student, teacher = _prepare_pair(student, teacher)
+    impl = backends.resolve(backend, "rkd_angle_loss", student)
+    return impl.rkd_angle_loss(student, teacher)
+
+
+def _is_photonic(kernel) -> bool:
+    return not isinstance(kernel, str)
+
+
+def _check_kernel_name(kernel) -> None:
+    if kernel != "simple":
+        raise ValueError(f"kernel must be 'simple' or a PhotonicFidelityKernel, got {kernel!r}")
+
+
+def fidelity_kernel_matrix(x, *, kernel="simple", backend: str = "auto"):
+    """The N x N fidelity kernel of x: 'simple' is (psi_i . psi_j)^2 on the normalised rows (DESIGN.md 3.4);
+    a PhotonicFidelityKernel module gives its photonic kernel (DESIGN.md 3.5)."""
+    if _is_photonic(kernel):
+        check_features("x", x)
+        return kernel(x, backend=backend)
+    _check_kernel_name(kernel)
+    x = _prepare_single("x", x)
+    impl = backends.resolve(backend, "fidelity_kernel_matrix", x)
+    return impl.fidelity_kernel_matrix(x)
+
+
+def fidelity_kernel_loss(student, teacher, *, kernel="simple", backend: str = "auto"):
+    """smooth_l1(K(student) - K(teacher)) over the N^2 kernel entries. When the widths differ, both sides are cut to
+    their first min(Ds, Dt) columns first, as the seed does."""
+    student, teacher = _prepare_pair(student, teacher)
+    width = min(student.shape[1], teacher.shape[1])
+    student, teacher = student[:, :width], teacher[:, :width]
+    if _is_photonic(kernel):
+        with torch.no_grad():
+            k_t = kernel(teacher, backend=backend)
+        return F.smooth_l1_loss(kernel(student, backend=backend), k_t)
+    _check_kernel_name(kernel)
+    impl = backends.resolve(backend, "fidelity_kernel_loss", student)
+    return impl.fidelity_kernel_loss(student.contiguous(), teacher.contiguous())

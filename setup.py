@@ -1,0 +1,93 @@
+"""Builds qrkd and its extension qrkd._C: CPU kernels always, CUDA kernels when a CUDA toolkit and a CUDA torch are
+present (FORCE_CUDA=1 forces them, QRKD_NO_CUDA=1 leaves them out). Install with --no-build-isolation against the
+torch you run: `pip install --no-build-isolation -e ".[dev]"`."""
+
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+# torch.utils.cpp_extension reads these when it is imported
+if not os.environ.get("CUDA_HOME") and os.path.exists("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+os.environ.setdefault("MAX_JOBS", str(max(1, os.cpu_count() or 1)))
+
+
+def _flag(name):
+    return os.environ.get(name, "") not in ("", "0")
+
+
+def extensions():
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        print("qrkd setup: torch is not importable; building the pure-Python package only", file=sys.stderr)
+        return [], {}
+    here = os.path.dirname(os.path.abspath(__file__))
+    cpp_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    if not cpp_sources:
+        return [], {}
+    with_cuda = bool(cuda_sources) and not _flag("QRKD_NO_CUDA") and CUDA_HOME is not None and (
+        _flag("FORCE_CUDA") or (torch.version.cuda is not None)
+    )
+    cxx = ["-O3", "-fopenmp", "-std=c++17"]
+    if not _flag("QRKD_PORTABLE"):
+        cxx.append("-march=native")
+    define = []
+    kwargs = dict(
+        name="qrkd._C",
+        include_dirs=[os.path.join(here, "csrc")],
+        extra_link_args=["-fopenmp"],
+    )
+    if with_cuda:
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"  # with no GPU visible torch's arch detection fails
+        define = [("WITH_CUDA", None)]
+        ext = CUDAExtension(
+            sources=cpp_sources + cuda_sources,
+            define_macros=define,
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]},
+            **kwargs,
+        )
+    else:
+        ext = CppExtension(sources=cpp_sources, define_macros=define, extra_compile_args={"cxx": cxx}, **kwargs)
+    print(f"qrkd setup: building qrkd._C with {'CPU + CUDA' if with_cuda else 'CPU'} kernels", file=sys.stderr)
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extensions()
+
+setup(
+    name="qrkd",
+    version="0.1.0",
+    description="Fast, exact, differentiable relational knowledge-distillation losses (RKD, QRKD) for PyTorch",
+    long_description=open("README.md").read() if os.path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["qrkd", "qrkd.*"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    install_requires=["torch>=2.11", "numpy", "tqdm"],
+    extras_require={
+        "merlin": ["merlinquantum==0.4.2"],
+        "vision": ["torchvision>=0.26"],
+        "plots": ["matplotlib"],
+        "triton": ["triton>=3.6"],
+        "dev": [
+            "torch==2.12.*",
+            "torchvision==0.27.*",
+            "triton",
+            "merlinquantum==0.4.2",
+            "matplotlib",
+            "pytest",
+            "pytest-benchmark",
+            "ninja",
+            "tqdm",
+        ],
+    },
+    entry_points={"console_scripts": ["qrkd=qrkd.cli:main"]},
+    zip_safe=False,
+)
