@@ -31,7 +31,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="versions, backends and what `auto` picks")
     info.set_defaults(func=cmd_info)
+    # compare and bench own their options: their modules parse the rest of the command line
+    compare = sub.add_parser("compare", help="the seed experiment: teacher + students, table, plots", add_help=False)
+    compare.add_argument("rest", nargs=argparse.REMAINDER)
+    compare.set_defaults(func=lambda args: _forward("qrkd.experiment", args.rest))
+    bench = sub.add_parser("bench", help="benchmark sweep: every kernel against its references", add_help=False)
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=lambda args: _forward("qrkd.benchmark", args.rest))
     return parser
+
+
+def _forward(module: str, argv) -> int:
+    import importlib
+
+    return int(importlib.import_module(module).main(list(argv)) or 0)
 
 
 def main(argv=None) -> int:

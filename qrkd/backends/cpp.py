@@ -68,11 +68,16 @@ def has_cuda_kernels() -> bool:
     return _load() and _state["cuda"]
 
 
+# contract op -> the torch.ops.qrkd op whose presence means the extension implements it (filled per relation)
+_OP_KERNELS: dict = {}
+
+
 def supports(op, device_type, dtype):
-    if not _load() or not hasattr(torch.ops.qrkd, op):
+    kernel = _OP_KERNELS.get(op)
+    if kernel is None or not _load() or not hasattr(torch.ops.qrkd, kernel):
         return False
     if device_type == "cuda" and not _state["cuda"]:
         return False
     if op == "photonic_fidelity":
-        return dtype in (torch.complex64, torch.complex128)
+        return device_type in ("cpu", "cuda") and dtype in (torch.complex64, torch.complex128)
     return device_type == "cpu" and dtype in (torch.float32, torch.float64)
