@@ -68,11 +68,21 @@ def rkd_distance_loss(student, teacher, *, zero_diagonal: bool = False, backend:
     return impl.rkd_distance_loss(student, teacher, bool(zero_diagonal))
 
 
-def rkd_angle_loss(student, teacher, *, backend: str = "auto"):
-    """RKD angle loss over all N^3 triplets (DESIGN.md 3.3)."""
+def rkd_angle_loss(student, teacher, *, backend: str = "auto", anchors=None):
+    """RKD angle loss over all N^3 triplets (DESIGN.md 3.3).
+
+    anchors=(start, stop) computes only the triplets whose anchor index is in [start, stop), still divided by N^3:
+    the shares of a partition of the anchors add up to the loss (how the distributed trainer splits the work).
+    """
     student, teacher = _prepare_pair(student, teacher)
+    n = student.shape[0]
+    start, stop = (0, n) if anchors is None else anchors
+    if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop <= n):
+        raise ValueError(f"anchors must be a pair of ints (start, stop) with 0 <= start <= stop <= N={n}, got {anchors!r}")
     impl = backends.resolve(backend, "rkd_angle_loss", student)
-    return impl.rkd_angle_loss(student, teacher)
+    if (start, stop) == (0, n):
+        return impl.rkd_angle_loss(student, teacher)
+    return impl.rkd_angle_loss(student, teacher, start, stop)
 
 
 def _is_photonic(kernel) -> bool:

@@ -5,7 +5,8 @@ validated inputs (student features differentiable, teacher features already deta
 device) and returns a scalar loss, differentiable in the student:
 
     rkd_distance_loss(student, teacher, zero_diagonal) -> Tensor
-    rkd_angle_loss(student, teacher) -> Tensor
+    rkd_angle_loss(student, teacher, anchor_start=0, anchor_stop=None) -> Tensor   # anchors a in [start, stop):
+                                                          # that range's share of the N^3 mean (the loss when whole)
     fidelity_kernel_loss(student, teacher) -> Tensor      # the classical ("simple") kernel, columns already truncated
     fidelity_kernel_matrix(x) -> Tensor                   # N x N
     photonic_fidelity(P, Q) -> Tensor                     # N x M, P and Q complex per-sample n x m matrices

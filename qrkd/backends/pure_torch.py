@@ -73,15 +73,17 @@ def _angles(q, inv_d, rows):
     return (qa.unsqueeze(2) + qa.unsqueeze(1) - q.unsqueeze(0)) * r, r
 
 
-def angle_pass(qs, qt, want_grad):
-    """Sum of smooth_l1 over all N^3 triplets and, if asked, G = d(sum)/dq_s (N x N, ordered pairs)."""
+def angle_pass(qs, qt, want_grad, anchor_start=0, anchor_stop=None):
+    """Sum of smooth_l1 over the triplets whose anchor is in [anchor_start, anchor_stop) (default: all N^3) and, if
+    asked, G = d(sum)/dq_s (N x N, ordered pairs)."""
     n = qs.shape[0]
+    anchor_stop = n if anchor_stop is None else anchor_stop
     inv_s, inv_t = _inverse(qs.sqrt()), _inverse(qt.sqrt())
     chunk = max(1, min(n, _CHUNK_ELEMENTS // (n * n)))
     total = qs.new_zeros(())
     grad = torch.zeros_like(qs) if want_grad else None
-    for start in range(0, n, chunk):
-        rows = slice(start, min(start + chunk, n))
+    for start in range(anchor_start, anchor_stop, chunk):
+        rows = slice(start, min(start + chunk, anchor_stop))
         a_s, r = _angles(qs, inv_s, rows)
         a_t, _ = _angles(qt, inv_t, rows)
         u = a_s - a_t
@@ -105,10 +107,11 @@ def grad_from_pair_grad(x, grad_q):
 
 class _AngleLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student, teacher):
+    def forward(ctx, student, teacher, anchor_start, anchor_stop):
         qs, qt = squared_distances_exact(student), squared_distances_exact(teacher)
-        total, _ = angle_pass(qs, qt, want_grad=False)
+        total, _ = angle_pass(qs, qt, False, anchor_start, anchor_stop)
         ctx.save_for_backward(student, teacher)
+        ctx.anchors = (anchor_start, anchor_stop)
         return total / float(student.shape[0]) ** 3
 
     @staticmethod
@@ -116,13 +119,13 @@ class _AngleLoss(torch.autograd.Function):
     def backward(ctx, grad_output):
         student, teacher = ctx.saved_tensors
         qs, qt = squared_distances_exact(student), squared_distances_exact(teacher)
-        _, grad_q = angle_pass(qs, qt, want_grad=True)
+        _, grad_q = angle_pass(qs, qt, True, *ctx.anchors)
         scale = grad_output / float(student.shape[0]) ** 3
-        return grad_from_pair_grad(student, grad_q) * scale, None
+        return grad_from_pair_grad(student, grad_q) * scale, None, None, None
 
 
-def rkd_angle_loss(student, teacher):
-    return _AngleLoss.apply(student, teacher)
+def rkd_angle_loss(student, teacher, anchor_start=0, anchor_stop=None):
+    return _AngleLoss.apply(student, teacher, anchor_start, student.shape[0] if anchor_stop is None else anchor_stop)
 
 
 # ---------------------------------------------------------------------------------------------- fidelity (classical)

@@ -45,13 +45,14 @@ def rkd_distance_loss(student, teacher, zero_diagonal=False):
     return F.smooth_l1_loss(s, t)
 
 
-def triplet_angles(x):
-    """All N^3 cosines e_ab . e_ac (flattened), e_ab = (x_b - x_a) / max(|x_b - x_a|, 1e-12).
+def triplet_angles(x, anchor_start=0, anchor_stop=None):
+    """The cosines e_ab . e_ac (flattened) of every triplet whose anchor a is in [anchor_start, anchor_stop) (default:
+    all N^3), e_ab = (x_b - x_a) / max(|x_b - x_a|, 1e-12).
 
     A pair whose difference is exactly zero gives e_ab = 0 with no gradient (DESIGN.md 3.3): the seed's
     normalisation would differentiate 0 / 1e-12 there.
     """
-    diff = x.unsqueeze(0) - x.unsqueeze(1)  # diff[a, b] = x_b - x_a
+    diff = x.unsqueeze(0) - x[anchor_start:anchor_stop].unsqueeze(1)  # diff[a, b] = x_b - x_a
     sq = diff.pow(2).sum(dim=2, keepdim=True)
     nonzero = sq > 0
     norm = torch.where(nonzero, sq, torch.ones_like(sq)).sqrt().clamp(min=EPS)
@@ -59,11 +60,13 @@ def triplet_angles(x):
     return torch.bmm(unit, unit.transpose(1, 2)).reshape(-1)
 
 
-def rkd_angle_loss(student, teacher):
+def rkd_angle_loss(student, teacher, anchor_start=0, anchor_stop=None):
+    """Mean of smooth_l1 over all N^3 triplets; with an anchor range, that range's share of the same mean (the sum of
+    the shares over a partition of the anchors is the loss)."""
     with torch.no_grad():
-        t = triplet_angles(teacher)
-    s = triplet_angles(student)
-    return F.smooth_l1_loss(s, t)
+        t = triplet_angles(teacher, anchor_start, anchor_stop)
+    s = triplet_angles(student, anchor_start, anchor_stop)
+    return F.smooth_l1_loss(s, t, reduction="sum") / float(len(student)) ** 3
 
 
 def fidelity_kernel_matrix(x):
