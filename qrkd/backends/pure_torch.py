@@ -28,8 +28,9 @@ def supports(op, device_type, dtype):
 def squared_distances_gram(x):
     """|x_i - x_j|^2 from the Gram matrix of the centred features, with an exact zero diagonal."""
     xc = x - x.mean(dim=0, keepdim=True)
-    sq = xc.pow(2).sum(dim=1)
-    q = sq.unsqueeze(1) + sq.unsqueeze(0) - 2.0 * (xc @ xc.t())
+    gram = xc @ xc.t()
+    sq = gram.diagonal()  # from the same GEMM as the cross terms, so exact duplicate rows cancel to 0
+    q = sq.unsqueeze(1) + sq.unsqueeze(0) - 2.0 * gram
     eye = torch.eye(len(x), dtype=torch.bool, device=x.device)
     return q.masked_fill(eye, 0.0)
 

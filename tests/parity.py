@@ -1,0 +1,82 @@
+"""Parity criteria of DESIGN.md section 6 and the inputs they run on, shared by the backend tests."""
+
+import torch
+
+from qrkd.backends import reference
+
+RELATIONS = ("rkd_distance", "rkd_distance_zero_diag", "rkd_angle", "fidelity")
+
+
+def loss_fn(module, relation):
+    """The relation's loss in a backend module (or the reference), as f(student, teacher)."""
+    if relation == "rkd_distance":
+        return lambda s, t: module.rkd_distance_loss(s, t, False)
+    if relation == "rkd_distance_zero_diag":
+        return lambda s, t: module.rkd_distance_loss(s, t, True)
+    if relation == "rkd_angle":
+        return module.rkd_angle_loss
+    if relation == "fidelity":
+
+        def fidelity(s, t):
+            width = min(s.shape[1], t.shape[1])
+            return module.fidelity_kernel_loss(s[:, :width].contiguous(), t[:, :width].contiguous())
+
+        return fidelity
+    raise ValueError(relation)
+
+
+def make_features(n, d, kind="random", seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    if kind == "duplicates" and n >= 3:
+        x[n // 2] = x[0]
+        x[n - 1] = x[1]
+    elif kind == "zero_rows" and n >= 2:
+        x[0] = 0.0
+        x[n - 1] = 0.0
+    elif kind == "shifted":
+        x = 0.1 * x + 3.0  # mean >> spread
+    elif kind == "identical":
+        x = x[:1].expand(n, d).clone()
+    return x.to(dtype)
+
+
+def value_and_grad(fn, s, t, grad_output=1.0):
+    s = s.detach().clone().requires_grad_(True)
+    loss = fn(s, t)
+    (grad,) = torch.autograd.grad(loss * grad_output, s)
+    return loss.detach(), grad
+
+
+def check_parity(relation, impl, s64, t64, grad_output=1.0):
+    """Checks `impl` (a backend module) against the reference on float64 inputs (relative 1e-10 on the value, 1e-8 of
+    max|grad| on the gradient) and float32 inputs (no more than twice the float32 reference's own error plus the
+    floors 2e-5 relative on values, 1e-5 max|grad| + 1e-6 on gradients). Returns the measured errors."""
+    ref = loss_fn(reference, relation)
+    fn = loss_fn(impl, relation)
+    truth_loss, truth_grad = value_and_grad(ref, s64, t64, grad_output)
+    scale = truth_grad.abs().max().item()
+
+    loss64, grad64 = value_and_grad(fn, s64, t64, grad_output)
+    assert loss64.dtype == torch.float64 and grad64.dtype == torch.float64
+    err_v64 = abs(loss64.item() - truth_loss.item())
+    err_g64 = (grad64 - truth_grad).abs().max().item()
+    assert torch.isfinite(loss64) and torch.isfinite(grad64).all()
+    assert err_v64 <= 1e-10 * abs(truth_loss.item()) + 1e-14, f"{relation} float64 value error {err_v64:.3g}"
+    assert err_g64 <= 1e-8 * scale + 1e-14, f"{relation} float64 gradient error {err_g64:.3g} (max {scale:.3g})"
+
+    s32, t32 = s64.float(), t64.float()
+    ref_loss32, ref_grad32 = value_and_grad(ref, s32, t32, grad_output)
+    loss32, grad32 = value_and_grad(fn, s32, t32, grad_output)
+    assert loss32.dtype == torch.float32 and grad32.dtype == torch.float32
+    ref_err_v = abs(ref_loss32.double().item() - truth_loss.item())
+    ref_err_g = (ref_grad32.double() - truth_grad).abs().max().item()
+    err_v32 = abs(loss32.double().item() - truth_loss.item())
+    err_g32 = (grad32.double() - truth_grad).abs().max().item()
+    assert err_v32 <= 2 * ref_err_v + 2e-5 * abs(truth_loss.item()) + 1e-12, (
+        f"{relation} float32 value error {err_v32:.3g} (reference's own {ref_err_v:.3g})"
+    )
+    assert err_g32 <= 2 * ref_err_g + 1e-5 * scale + 1e-6, (
+        f"{relation} float32 gradient error {err_g32:.3g} (reference's own {ref_err_g:.3g}, max {scale:.3g})"
+    )
+    return {"value64": err_v64, "grad64": err_g64, "value32": err_v32, "grad32": err_g32, "scale": scale}
