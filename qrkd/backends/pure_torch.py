@@ -66,12 +66,13 @@ def _inverse(d):
     return torch.where(d > 0, 1.0 / torch.where(d > 0, d, torch.ones_like(d)), torch.zeros_like(d))
 
 
-def _angles(q, inv_d, rows):
-    """Angles of the anchors `rows`: A[a, b, c] = (q_ab + q_ac - q_bc) r_abc, r_abc = 1 / (2 d_ab d_ac) (0 if either
-    distance is 0). Returns (A, r), both chunk x N x N."""
-    qa, ia = q[rows], inv_d[rows]
-    r = 0.5 * ia.unsqueeze(2) * ia.unsqueeze(1)
-    return (qa.unsqueeze(2) + qa.unsqueeze(1) - q.unsqueeze(0)) * r, r
+def _angles(q, half_inv_d, rows):
+    """Angles of the anchors `rows`: A[a, b, c] = (q_ab + q_ac - q_bc) r_abc with r_abc = 1 / (2 d_ab d_ac), 0 where
+    either distance is 0. half_inv_d = sqrt(1/2) / d (0 where d = 0). Returns (A, r), both chunk x N x N."""
+    qa, ha = q[rows], half_inv_d[rows]
+    r = ha.unsqueeze(2) * ha.unsqueeze(1)
+    angles = torch.add(qa.unsqueeze(2), qa.unsqueeze(1)).sub_(q.unsqueeze(0)).mul_(r)
+    return angles, r
 
 
 def angle_pass(qs, qt, want_grad, anchor_start=0, anchor_stop=None):
@@ -79,24 +80,24 @@ def angle_pass(qs, qt, want_grad, anchor_start=0, anchor_stop=None):
     asked, G = d(sum)/dq_s (N x N, ordered pairs)."""
     n = qs.shape[0]
     anchor_stop = n if anchor_stop is None else anchor_stop
-    inv_s, inv_t = _inverse(qs.sqrt()), _inverse(qt.sqrt())
+    half = 0.5**0.5
+    hs, ht = _inverse(qs.sqrt()) * half, _inverse(qt.sqrt()) * half
     chunk = max(1, min(n, _CHUNK_ELEMENTS // (n * n)))
     total = qs.new_zeros(())
     grad = torch.zeros_like(qs) if want_grad else None
     for start in range(anchor_start, anchor_stop, chunk):
         rows = slice(start, min(start + chunk, anchor_stop))
-        a_s, r = _angles(qs, inv_s, rows)
-        a_t, _ = _angles(qt, inv_t, rows)
-        u = a_s - a_t
-        au = u.abs()
-        total = total + torch.where(au < 1.0, 0.5 * u * u, au - 0.5).sum()
-        if want_grad:
-            g = u.clamp(-1.0, 1.0)
-            gr = g * r  # zero wherever the student's d_ab or d_ac is 0: no gradient there
-            ia = inv_s[rows]
-            # dA/dq_ab = r - A / (2 q_ab); the b<->c symmetry doubles the q_ab term into the q_ac one
-            grad[rows] += 2.0 * (gr.sum(dim=2) - 0.5 * ia * ia * (g * a_s).sum(dim=2))
-            grad -= gr.sum(dim=0)  # dA/dq_bc = -r
+        a_s, r = _angles(qs, hs, rows)
+        a_t, _ = _angles(qt, ht, rows)
+        if not want_grad:
+            total = total + F.smooth_l1_loss(a_s, a_t, reduction="sum")
+            continue
+        g = a_t.neg_().add_(a_s).clamp_(-1.0, 1.0)  # d smooth_l1(u) / du, u = A_s - A_t
+        inv_q = 2.0 * hs[rows] * hs[rows]  # 1 / q_ab
+        gr = g.mul(r)  # zero wherever the student's d_ab or d_ac is 0: no gradient there
+        # dA/dq_ab = r - A / (2 q_ab); the b<->c symmetry doubles the q_ab term into the q_ac one
+        grad[rows] += 2.0 * gr.sum(dim=2) - inv_q * g.mul_(a_s).sum(dim=2)
+        grad -= gr.sum(dim=0)  # dA/dq_bc = -r
     return total, grad
 
 
