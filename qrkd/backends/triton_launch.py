@@ -1,0 +1,349 @@
+"""Backend "triton": launches the Triton kernels of qrkd.kernels behind autograd Functions.
+
+CUDA tensors on a GPU; CPU tensors when TRITON_INTERPRET=1 was set before this module was imported (Triton's
+interpreter: slow, meant for tests at small N). triton is imported here and nowhere else in the backend layer, and a
+missing or broken triton only makes status() report the backend unavailable.
+
+Every relation saves its O(N^2) intermediates (squared distances, normalised rows) for the backward pass; none keeps
+an N x N x D or N^3 buffer. Reductions go through per-program partial sums in float64, summed by torch: the result
+does not depend on the launch order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
+
+try:
+    import triton
+
+    from qrkd import kernels as _k
+
+    _IMPORT_ERROR = None
+except Exception as exc:  # ImportError, or a triton that fails while initialising
+    triton = None
+    _k = None
+    _IMPORT_ERROR = exc
+
+EPS = 1e-12
+_OPS = ("rkd_distance_loss", "rkd_angle_loss", "fidelity_kernel_loss", "fidelity_kernel_matrix")
+_DTYPES = (torch.float32, torch.float64)
+
+# Block sizes per kernel family. Under the interpreter every program instance costs milliseconds whatever its size,
+# so one program covers a whole 64 x 64 tile there; tests shrink these to exercise the multi-tile paths.
+#   sq: (BLOCK_I, BLOCK_J, max BLOCK_D, warps)   tail: (BLOCK_I, BLOCK_J, warps)   angle: (BLOCK_A, BLOCK, warps)
+#   pair: (BLOCK_U, BLOCK_V, max BLOCK_D, warps)  fid: (BLOCK_I, BLOCK_J, max BLOCK_D, warps)  rows: (BLOCK_N, BLOCK_D, warps)
+INTERPRETER_BLOCKS = {
+    "sq": (64, 64, 32, 4),
+    "tail": (64, 64, 4),
+    "angle": (64, 64, 4),
+    "pair": (64, 64, 256, 4),
+    "fid": (64, 64, 256, 4),
+    "rows": (64, 256, 4),
+}
+# Chosen so that no variant spills registers on sm_90 (checked with cuobjdump on the AOT-compiled kernels, triton 3.7);
+# not yet tuned by timing on a GPU.
+GPU_BLOCKS = {
+    torch.float32: {
+        "sq": (32, 32, 8, 4),
+        "tail": (64, 64, 8),
+        "angle": (64, 64, 16),
+        "pair": (64, 32, 64, 8),
+        "fid": (64, 64, 32, 8),
+        "rows": (16, 128, 4),
+    },
+    torch.float64: {
+        "sq": (32, 32, 4, 4),
+        "tail": (32, 32, 4),
+        "angle": (64, 32, 8),
+        "pair": (32, 32, 32, 4),
+        "fid": (32, 32, 16, 4),
+        "rows": (16, 64, 4),
+    },
+}
+
+
+def status():
+    if _IMPORT_ERROR is not None:
+        return False, f"triton not importable ({type(_IMPORT_ERROR).__name__}: {_IMPORT_ERROR})"
+    version = getattr(triton, "__version__", "?")
+    if _INTERPRET:
+        return True, f"triton {version} under TRITON_INTERPRET=1 (CPU tensors through the interpreter: slow, for tests)"
+    if torch.cuda.is_available():
+        return True, f"triton {version} on {torch.cuda.get_device_name()}"
+    return False, f"triton {version} is importable but no CUDA device is visible (TRITON_INTERPRET=1 runs it on the CPU)"
+
+
+def supports(op, device_type, dtype):
+    if _IMPORT_ERROR is not None or op not in _OPS or dtype not in _DTYPES:
+        return False
+    if device_type == "cuda":
+        return torch.cuda.is_available()
+    return device_type == "cpu" and _INTERPRET
+
+
+# ------------------------------------------------------------------------------------------------------ launching
+
+
+def _blocks(kind, dtype):
+    return INTERPRETER_BLOCKS[kind] if _INTERPRET else GPU_BLOCKS[dtype][kind]
+
+
+def _pow2(n, lo, hi):
+    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+
+
+def _on_device(x):
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def _prepare(x):
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"the triton backend runs float32 and float64 features, got {x.dtype}")
+    return x.contiguous()
+
+
+def _sq_distances(x, stats_zero_diagonal=None):
+    """q = |x_i - x_j|^2 (N x N) and, if stats_zero_diagonal is not None, the normaliser sums of the distances."""
+    n, d = x.shape
+    bi, bj, bd, warps = _blocks("sq", x.dtype)
+    grid = (triton.cdiv(n, bi), triton.cdiv(n, bj))
+    q = torch.empty(n, n, dtype=x.dtype, device=x.device)
+    want_stats = stats_zero_diagonal is not None
+    stats = torch.empty(grid[0] * grid[1], 2, dtype=torch.float64, device=x.device) if want_stats else q
+    _k.common.pairwise_sq_dist_kernel[grid](
+        x, q, stats, n, d,
+        STATS=want_stats, ZERO_DIAG=bool(stats_zero_diagonal),
+        BLOCK_I=bi, BLOCK_J=bj, BLOCK_D=_pow2(d, 4, bd), num_warps=warps,
+    )  # fmt: skip
+    return q, (stats if want_stats else None)
+
+
+def _pair_matmul(w, y, laplacian):
+    """H = W + W^T; laplacian: 2 (rowsum(H) y - H y), else H y (y must be contiguous)."""
+    n, d = y.shape
+    bu, bv, bd, warps = _blocks("pair", y.dtype)
+    bd = _pow2(d, 16, bd)
+    out = torch.empty_like(y)
+    grid = (triton.cdiv(n, bu), triton.cdiv(d, bd))
+    _k.common.pair_matmul_kernel[grid](
+        w, y, out, n, d, LAPLACIAN=laplacian, BLOCK_U=bu, BLOCK_V=bv, BLOCK_D=bd, num_warps=warps
+    )
+    return out
+
+
+def _grad_from_pair_grad(x, grad_q):
+    """dx_u = 2 sum_v (G_uv + G_vu)(x_u - x_v), on centred x (translation invariant; avoids cancellation)."""
+    return _pair_matmul(grad_q, (x - x.mean(dim=0, keepdim=True)).contiguous(), laplacian=True)
+
+
+# ------------------------------------------------------------------------------------------------------- distance
+
+
+def _inverse_mean(stats):
+    """1 / (mean of the positive distances + 1e-12), 0 when there is none (float64 scalars), and the count."""
+    total, count = stats.sum(dim=0).unbind()
+    mu = total / count.clamp(min=1.0) + EPS
+    return torch.where(count > 0, 1.0 / mu, torch.zeros_like(mu)), count
+
+
+def _distance_tail(qs, qt, scal, zero_diagonal, grad_out=None):
+    n = qs.shape[0]
+    bi, bj, warps = _blocks("tail", qs.dtype)
+    grid = (triton.cdiv(n, bi), triton.cdiv(n, bj))
+    parts = torch.empty(grid[0] * grid[1], 2, dtype=torch.float64, device=qs.device) if grad_out is None else qs
+    _k.rkd_distance.distance_tail_kernel[grid](
+        qs, qt, scal, parts, qs if grad_out is None else grad_out, n,
+        BACKWARD=grad_out is not None, ZERO_DIAG=zero_diagonal, BLOCK_I=bi, BLOCK_J=bj, num_warps=warps,
+    )  # fmt: skip
+    return parts
+
+
+class _DistanceLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, teacher, zero_diagonal):
+        s, t = _prepare(student), _prepare(teacher)
+        n = s.shape[0]
+        with _on_device(s):
+            qs, stats_s = _sq_distances(s, zero_diagonal)
+            qt, stats_t = _sq_distances(t, zero_diagonal)
+            inv_s, count_s = _inverse_mean(stats_s)
+            inv_t, _ = _inverse_mean(stats_t)
+            scal = torch.stack([inv_s, inv_t, torch.zeros_like(inv_s)]).to(s.dtype)
+            parts = _distance_tail(qs, qt, scal, zero_diagonal)
+        loss_sum, gd_sum = parts.sum(dim=0).unbind()
+        # the gradient through mu_s: (sum g d_s) / (mu_s^2 count_s)
+        mu_term = gd_sum * inv_s * inv_s / count_s.clamp(min=1.0)
+        ctx.save_for_backward(s, qs, qt, torch.stack([inv_s, inv_t, mu_term]).to(s.dtype))
+        ctx.zero_diagonal = zero_diagonal
+        return (loss_sum / float(n) ** 2).to(s.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        s, qs, qt, scal = ctx.saved_tensors
+        with _on_device(s):
+            grad_q = torch.empty_like(qs)
+            _distance_tail(qs, qt, scal, ctx.zero_diagonal, grad_out=grad_q)
+            dx = _grad_from_pair_grad(s, grad_q)
+        return dx * (grad_output / float(s.shape[0]) ** 2), None, None
+
+
+def rkd_distance_loss(student, teacher, zero_diagonal=False):
+    return _DistanceLoss.apply(student, teacher, bool(zero_diagonal))
+
+
+# ---------------------------------------------------------------------------------------------------------- angle
+
+
+def _angle_pass(qs, qt, anchor_start, anchor_stop, grad_q=None):
+    n = qs.shape[0]
+    block_a, block, warps = _blocks("angle", qs.dtype)
+    tiles = triton.cdiv(n, block)
+    grid = (triton.cdiv(anchor_stop - anchor_start, block_a), tiles, tiles)
+    parts = torch.zeros(grid[0] * tiles * tiles, dtype=torch.float64, device=qs.device) if grad_q is None else qs
+    _k.rkd_angle.angle_triplet_kernel[grid](
+        qs, qt, parts, qs if grad_q is None else grad_q, n, anchor_start, anchor_stop,
+        BACKWARD=grad_q is not None, BLOCK_A=block_a, BLOCK=block, num_warps=warps,
+    )  # fmt: skip
+    return parts
+
+
+class _AngleLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, teacher, anchor_start, anchor_stop):
+        s, t = _prepare(student), _prepare(teacher)
+        n = s.shape[0]
+        ctx.anchors = (anchor_start, anchor_stop)
+        if anchor_stop == anchor_start:
+            ctx.save_for_backward(s, None, None)
+            return s.new_zeros(())
+        with _on_device(s):
+            qs, _ = _sq_distances(s)
+            qt, _ = _sq_distances(t)
+            total = _angle_pass(qs, qt, anchor_start, anchor_stop).sum()
+        ctx.save_for_backward(s, qs, qt)
+        return (total / float(n) ** 3).to(s.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        s, qs, qt = ctx.saved_tensors
+        if qs is None:
+            return torch.zeros_like(s), None, None, None
+        with _on_device(s):
+            grad_q = torch.zeros_like(qs)
+            _angle_pass(qs, qt, *ctx.anchors, grad_q=grad_q)
+            dx = _grad_from_pair_grad(s, grad_q)
+        return dx * (grad_output / float(s.shape[0]) ** 3), None, None, None
+
+
+def rkd_angle_loss(student, teacher, anchor_start=0, anchor_stop=None):
+    n = student.shape[0]
+    anchor_stop = n if anchor_stop is None else anchor_stop
+    if not (0 <= anchor_start <= anchor_stop <= n):
+        raise ValueError(f"anchor range must satisfy 0 <= start <= stop <= N={n}, got ({anchor_start}, {anchor_stop})")
+    return _AngleLoss.apply(student, teacher, int(anchor_start), int(anchor_stop))
+
+
+# ---------------------------------------------------------------------------------------- fidelity (classical)
+
+
+def _normalize(x):
+    n, d = x.shape
+    bn, bd, warps = _blocks("rows", x.dtype)
+    psi = torch.empty_like(x)
+    norm = torch.empty(n, dtype=x.dtype, device=x.device)
+    _k.fidelity.normalize_rows_kernel[(triton.cdiv(n, bn),)](
+        x, psi, norm, n, d, BLOCK_N=bn, BLOCK_D=_pow2(d, 4, bd), num_warps=warps
+    )
+    return psi, norm
+
+
+def _normalize_backward(psi, norm, dpsi):
+    n, d = psi.shape
+    bn, bd, warps = _blocks("rows", psi.dtype)
+    dx = torch.empty_like(psi)
+    _k.fidelity.normalize_rows_backward_kernel[(triton.cdiv(n, bn),)](
+        psi, norm, dpsi, dx, n, d, BLOCK_N=bn, BLOCK_D=_pow2(d, 4, bd), num_warps=warps
+    )
+    return dx
+
+
+def _fidelity_tiles(mode, ps, pt=None, gk=None, out=None):
+    n, d = ps.shape
+    bi, bj, bd, warps = _blocks("fid", ps.dtype)
+    grid = (triton.cdiv(n, bi), triton.cdiv(n, bj))
+    parts = torch.empty(grid[0] * grid[1], dtype=torch.float64, device=ps.device) if out is None else ps
+    _k.fidelity.fidelity_tile_kernel[grid](
+        ps, ps if pt is None else pt, ps if gk is None else gk, ps if out is None else out, parts, n, d,
+        MODE=mode, BLOCK_I=bi, BLOCK_J=bj, BLOCK_D=_pow2(d, 16, bd), num_warps=warps,
+    )  # fmt: skip
+    return parts
+
+
+def _fidelity_backward(psi, norm, w, scale):
+    dpsi = _pair_matmul(w, psi, laplacian=False)
+    return _normalize_backward(psi, norm, dpsi) * scale
+
+
+class _FidelityLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, teacher):
+        s, t = _prepare(student), _prepare(teacher)
+        if s.shape[1] != t.shape[1]:
+            raise ValueError(
+                f"student and teacher must have the same width here (truncate first), got {s.shape[1]} and {t.shape[1]}"
+            )
+        with _on_device(s):
+            psi_s, norm_s = _normalize(s)
+            psi_t, _ = _normalize(t)
+            total = _fidelity_tiles(_k.fidelity.MODE_LOSS, psi_s, pt=psi_t).sum()
+        ctx.save_for_backward(psi_s, norm_s, psi_t)
+        return (total / float(s.shape[0]) ** 2).to(s.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        psi_s, norm_s, psi_t = ctx.saved_tensors
+        n = psi_s.shape[0]
+        with _on_device(psi_s):
+            w = torch.empty(n, n, dtype=psi_s.dtype, device=psi_s.device)
+            _fidelity_tiles(_k.fidelity.MODE_GRAD_LOSS, psi_s, pt=psi_t, out=w)
+            dx = _fidelity_backward(psi_s, norm_s, w, grad_output / float(n) ** 2)
+        return dx, None
+
+
+def fidelity_kernel_loss(student, teacher):
+    return _FidelityLoss.apply(student, teacher)
+
+
+class _FidelityMatrix(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        x = _prepare(x)
+        n = x.shape[0]
+        with _on_device(x):
+            psi, norm = _normalize(x)
+            k = torch.empty(n, n, dtype=x.dtype, device=x.device)
+            _fidelity_tiles(_k.fidelity.MODE_MATRIX, psi, out=k)
+        ctx.save_for_backward(psi, norm)
+        return k
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_k):
+        psi, norm = ctx.saved_tensors
+        with _on_device(psi):
+            w = torch.empty(psi.shape[0], psi.shape[0], dtype=psi.dtype, device=psi.device)
+            _fidelity_tiles(_k.fidelity.MODE_GRAD_MATRIX, psi, gk=grad_k.to(psi.dtype).contiguous(), out=w)
+            dx = _fidelity_backward(psi, norm, w, 1.0)
+        return dx
+
+
+def fidelity_kernel_matrix(x):
+    return _FidelityMatrix.apply(x)
