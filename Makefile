@@ -31,7 +31,7 @@ test: build
 	$(PY) -m pytest -m "not gpu" tests
 
 demo: build
-	$(PY) examples/losses_demo.py
+	$(PY) -m qrkd compare --data-root "$${QRKD_DATA_ROOT:-data}" --name demo
 
 bench: build
 	$(PY) -m pytest bench --benchmark-only -q

@@ -47,7 +47,14 @@ def _forward(module: str, argv) -> int:
     return int(importlib.import_module(module).main(list(argv)) or 0)
 
 
+_FORWARDED = {"compare": "qrkd.experiment", "bench": "qrkd.benchmark"}
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # argparse's REMAINDER does not capture a rest that starts with an option (`qrkd bench --quick`): forward first
+    if argv and argv[0] in _FORWARDED:
+        return _forward(_FORWARDED[argv[0]], argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

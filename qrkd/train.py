@@ -1,0 +1,397 @@
+"""The seed's thin trainer (DESIGN.md section 7): TrainConfig, train_teacher, train_student, and the distributed path.
+
+One student step: loss = cross_entropy(student logits, labels) + DistillationLoss(logits_s, logits_t, feat_s, feat_t),
+the teacher in eval mode under no_grad, Adam. History per epoch: mean total loss, mean task loss, mean distillation
+loss (over the epoch's batches) and train/test accuracy (%) in eval mode over the whole training set and test set.
+
+Distributed (torch.distributed initialised with world size K > 1, e.g. under torchrun): the model is wrapped in
+DistributedDataParallel and every loss is arranged so that, after DDP averages the gradients over the K processes,
+they equal those of one process on the concatenated (global) batch:
+- cross-entropy and KD are per-sample means: each process scales its local mean by K * n_local / N_global;
+- the relational losses see the global batch: student features are gathered with gradient (backward sums the
+  gradient over processes and keeps this process's rows), teacher features without. RKD distance and the kernel
+  term are computed whole on every process (O(N^2)); the angle loss (O(N^3)) is split by anchors, process r taking
+  a contiguous 1/K of them, and its share is multiplied by K.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from . import backends
+from . import functional as Fq
+from .losses import DistillationLoss
+
+HISTORY_KEYS = ("loss", "task", "distill", "train_acc", "test_acc")
+
+
+@dataclass
+class TrainConfig:
+    """epochs, lr (Adam), device ('cpu', 'cuda', 'cuda:1', or 'auto'), verbose (tqdm bars), max_batches (training
+    batches per epoch, None for all: for quick runs), weight_decay (Adam's)."""
+
+    epochs: int = 3
+    lr: float = 1e-3
+    device: str = "cpu"
+    verbose: bool = False
+    max_batches: int | None = None
+    weight_decay: float = 0.0
+
+    def __post_init__(self):
+        if not isinstance(self.epochs, int) or isinstance(self.epochs, bool) or self.epochs < 1:
+            raise ValueError(f"epochs must be a positive int, got {self.epochs!r}")
+        if not isinstance(self.lr, (int, float)) or not self.lr > 0:
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if self.max_batches is not None and (not isinstance(self.max_batches, int) or self.max_batches < 1):
+            raise ValueError(f"max_batches must be a positive int or None, got {self.max_batches!r}")
+        if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
+        resolve_device(self.device)  # raises on a bad name
+
+    def torch_device(self) -> torch.device:
+        return resolve_device(self.device)
+
+
+def resolve_device(device) -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if not isinstance(device, str):
+        raise TypeError(f"device must be a str or torch.device, got {type(device).__name__}")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:i]', got {device!r}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available here")
+    return resolved
+
+
+# --------------------------------------------------------------------------------------------------- distributed
+
+
+@dataclass
+class DistContext:
+    """This process's place in the job; `group` is a second process group kept for the feature gathers, so that
+    they never interleave with DDP's own gradient all-reduces."""
+
+    rank: int
+    world_size: int
+    group: object = None
+
+
+_GROUPS: dict = {}
+
+
+def dist_context() -> DistContext | None:
+    """The context of the initialised default process group, or None when not distributed (or world size 1).
+    Collective: every process must call it (it creates the gather group on first use)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    world = dist.get_world_size()
+    if world == 1:
+        return None
+    key = id(dist.group.WORLD)
+    if key not in _GROUPS:
+        _GROUPS[key] = dist.new_group(list(range(world)))
+    return DistContext(dist.get_rank(), world, _GROUPS[key])
+
+
+def init_distributed(device: str = "auto") -> tuple[DistContext | None, torch.device]:
+    """Initialises torch.distributed from torchrun's environment (WORLD_SIZE > 1): gloo on the CPU, nccl on CUDA,
+    one GPU per process by LOCAL_RANK. Returns (context or None, the device this process trains on)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dev = resolve_device(device)
+    if world <= 1:
+        return None, dev
+    if dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return dist_context(), dev
+
+
+def anchor_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The contiguous anchors [start, stop) of process `rank` when n anchors are split over world_size processes."""
+    return n * rank // world_size, n * (rank + 1) // world_size
+
+
+def _gather_sizes(n: int, ctx: DistContext, device) -> list:
+    sizes = torch.tensor([n], dtype=torch.long, device=device)
+    out = [torch.zeros_like(sizes) for _ in range(ctx.world_size)]
+    dist.all_gather(out, sizes, group=ctx.group)
+    return [int(s) for s in out]
+
+
+def _all_gather_rows(x, sizes, ctx):
+    """Concatenation of every process's x (rows may differ in number: padded to the largest, then cut)."""
+    top = max(sizes)
+    padded = x.new_zeros((top,) + tuple(x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(ctx.world_size)]
+    dist.all_gather(parts, padded.contiguous(), group=ctx.group)
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(fctx, x, sizes, ctx):
+        fctx.sizes, fctx.ctx = sizes, ctx
+        return _all_gather_rows(x, sizes, ctx)
+
+    @staticmethod
+    def backward(fctx, grad):
+        # every process's loss depends on every process's rows: sum the gradients, keep this process's rows
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=fctx.ctx.group)
+        start = sum(fctx.sizes[: fctx.ctx.rank])
+        return grad[start : start + fctx.sizes[fctx.ctx.rank]], None, None
+
+
+def gather_features(x, ctx: DistContext, sizes=None, *, with_grad: bool):
+    """The global batch of features: with_grad=True keeps the autograd path to this process's rows."""
+    if sizes is None:
+        sizes = _gather_sizes(x.shape[0], ctx, x.device)
+    if with_grad:
+        return _GatherWithGrad.apply(x, sizes, ctx)
+    with torch.no_grad():
+        return _all_gather_rows(x.detach(), sizes, ctx)
+
+
+def step_losses(weights: DistillationLoss, logits_s, labels, feat_s, logits_t=None, feat_t=None, ctx=None):
+    """(total, task, distill) of one student step. Without ctx: cross-entropy + weights(...) on this batch. With a
+    DistContext: this process's part of the global-batch loss (module docstring); the parts' mean over processes is
+    the global loss, and DDP's gradient average gives the global gradient."""
+    use_teacher = weights is not None and weights.uses_teacher
+    if use_teacher and (logits_t is None or feat_t is None):
+        raise ValueError("these distillation weights need a teacher's logits and features")
+    if ctx is None:
+        task = F.cross_entropy(logits_s, labels)
+        distill = weights(logits_s, logits_t, feat_s, feat_t) if use_teacher else task.new_zeros(())
+        return task + distill, task, distill
+
+    sizes = _gather_sizes(logits_s.shape[0], ctx, logits_s.device)
+    n_global = sum(sizes)
+    scale = ctx.world_size * logits_s.shape[0] / n_global  # local means -> global mean after DDP's average
+    task = F.cross_entropy(logits_s, labels) * scale
+    distill = task.new_zeros(())
+    if use_teacher:
+        if weights.kd > 0:
+            distill = distill + weights.kd * scale * Fq.kd_loss(logits_s, logits_t, weights.temperature,
+                                                                 weights.kd_alpha)
+        if weights.dr > 0 or weights.ar > 0 or weights.qk > 0:
+            s_all = gather_features(feat_s, ctx, sizes, with_grad=True)
+            t_all = gather_features(feat_t, ctx, sizes, with_grad=False)
+            if weights.dr > 0:
+                distill = distill + weights.dr * Fq.rkd_distance_loss(
+                    s_all, t_all, zero_diagonal=weights.zero_diagonal, backend=weights.backend)
+            if weights.ar > 0:
+                anchors = anchor_range(n_global, ctx.rank, ctx.world_size)
+                share = Fq.rkd_angle_loss(s_all, t_all, backend=weights.backend, anchors=anchors)
+                distill = distill + weights.ar * ctx.world_size * share
+            if weights.qk > 0:
+                kernel = weights._kernel(min(s_all.shape[1], t_all.shape[1]), s_all.device)
+                distill = distill + weights.qk * Fq.fidelity_kernel_loss(s_all, t_all, kernel=kernel,
+                                                                         backend=weights.backend)
+    return task + distill, task, distill
+
+
+def _all_reduce_mean(values: torch.Tensor, ctx) -> torch.Tensor:
+    if ctx is not None:
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        values /= ctx.world_size
+    return values
+
+
+# ------------------------------------------------------------------------------------------------------ evaluation
+
+
+def _eval_loader(loader: DataLoader, ctx) -> DataLoader:
+    """A sequential loader over the whole dataset (this process's interleaved share when distributed): accuracy
+    never consumes RNG nor depends on the training sampler."""
+    dataset = loader.dataset
+    if ctx is not None:
+        dataset = Subset(dataset, list(range(ctx.rank, len(loader.dataset), ctx.world_size)))
+    return DataLoader(dataset, batch_size=loader.batch_size or 256, shuffle=False, num_workers=0)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device=None, ctx=None) -> float:
+    """Accuracy (%) of model over all of loader's dataset, in eval mode (summed over processes when distributed)."""
+    if ctx is None:
+        ctx = dist_context()
+    device = resolve_device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(2, dtype=torch.float64, device=device)
+    for inputs, labels in _eval_loader(loader, ctx):
+        inputs, labels = inputs.to(device), labels.to(device)
+        logits = model(inputs)[0]
+        counts[0] += (logits.argmax(dim=1) == labels).sum()
+        counts[1] += labels.numel()
+    if ctx is not None:
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+    model.train(was_training)
+    return 100.0 * counts[0].item() / max(counts[1].item(), 1.0)
+
+
+# -------------------------------------------------------------------------------------------------------- training
+
+
+def _progress(loader, cfg: TrainConfig, desc: str, ctx):
+    total = len(loader) if cfg.max_batches is None else min(len(loader), cfg.max_batches)
+    if not cfg.verbose or (ctx is not None and ctx.rank != 0):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="batch", leave=True, dynamic_ncols=True)
+
+
+def _fit(model, teacher, weights, train_loader, test_loader, cfg: TrainConfig, name: str):
+    device = cfg.torch_device()
+    ctx = dist_context()
+    model = model.to(device)
+    if teacher is not None:
+        teacher = teacher.to(device).eval()  # frozen: it runs under no_grad and is never given to the optimizer
+    if weights is not None:
+        weights = weights.to(device)
+    use_teacher = weights is not None and weights.uses_teacher
+    net = model
+    if ctx is not None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    history = {key: [] for key in HISTORY_KEYS}
+    history["epoch_seconds"], history["eval_seconds"] = [], []
+
+    for epoch in range(cfg.epochs):
+        if hasattr(train_loader.sampler, "set_epoch"):
+            train_loader.sampler.set_epoch(epoch)
+        net.train()
+        bar = _progress(train_loader, cfg, f"{name} {epoch + 1}/{cfg.epochs}", ctx)
+        sums = torch.zeros(3, dtype=torch.float64, device=device)
+        batches = 0
+        start = time.perf_counter()
+        for inputs, labels in train_loader:
+            if cfg.max_batches is not None and batches >= cfg.max_batches:
+                break
+            inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            logits_s, feat_s = net(inputs)
+            logits_t = feat_t = None
+            if use_teacher:
+                with torch.no_grad():
+                    logits_t, feat_t = teacher(inputs)
+            loss, task, distill = step_losses(weights, logits_s, labels, feat_s, logits_t, feat_t, ctx)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sums += torch.stack([loss.detach(), task.detach(), distill.detach()]).to(sums.dtype)
+            batches += 1
+            if bar is not None:
+                bar.update(1)
+                if batches % 10 == 0:
+                    bar.set_postfix(loss=f"{sums[0].item() / batches:.4f}")
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        history["epoch_seconds"].append(time.perf_counter() - start)
+        means = _all_reduce_mean(sums / max(batches, 1), ctx).tolist()
+        for key, value in zip(("loss", "task", "distill"), means):
+            history[key].append(value)
+
+        start = time.perf_counter()
+        history["train_acc"].append(evaluate(model, train_loader, device, ctx))
+        if test_loader is not None:
+            history["test_acc"].append(evaluate(model, test_loader, device, ctx))
+        history["eval_seconds"].append(time.perf_counter() - start)
+        if bar is not None:
+            post = {"loss": f"{means[0]:.4f}", "train": f"{history['train_acc'][-1]:.2f}%"}
+            if history["test_acc"]:
+                post["test"] = f"{history['test_acc'][-1]:.2f}%"
+            bar.set_postfix(post)
+            bar.close()
+    return model, history
+
+
+def _check_model(name, model):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def _check_config(cfg):
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+
+
+def train_teacher(model: nn.Module, train_loader, cfg: TrainConfig, test_loader=None):
+    """Trains `model` with cross-entropy. Returns (model, history); history has the keys of HISTORY_KEYS (distill is
+    0; test_acc is empty without a test_loader) plus epoch_seconds and eval_seconds."""
+    _check_model("model", model)
+    _check_config(cfg)
+    return _fit(model, None, None, train_loader, test_loader, cfg, "teacher")
+
+
+def train_student(student: nn.Module, teacher, train_loader, test_loader, cfg: TrainConfig, weights,
+                  student_name: str | None = None) -> dict:
+    """Trains `student` with cross-entropy + weights(logits_s, logits_t, feat_s, feat_t) against a frozen teacher
+    (None: cross-entropy alone, e.g. the scratch student). Returns {"test_acc", "train_acc", "history", "model"}."""
+    _check_model("student", student)
+    _check_config(cfg)
+    if weights is None:
+        weights = DistillationLoss(kd=0.0, dr=0.0, ar=0.0, qk=0.0)
+    if not isinstance(weights, DistillationLoss):
+        raise TypeError(f"weights must be a qrkd.DistillationLoss, got {type(weights).__name__}")
+    if weights.uses_teacher:
+        if teacher is None:
+            raise ValueError("weights has nonzero distillation terms but teacher is None")
+        _check_model("teacher", teacher)
+    if test_loader is None:
+        raise ValueError("train_student needs a test_loader")
+    model, history = _fit(student, teacher if weights.uses_teacher else None, weights, train_loader, test_loader,
+                          cfg, student_name or "student")
+    return {"test_acc": history["test_acc"][-1], "train_acc": history["train_acc"][-1], "history": history,
+            "model": model}
+
+
+def loss_backends(weights: DistillationLoss, device_type: str = "cpu", dtype=torch.float32) -> dict:
+    """Which backend each distillation term of `weights` runs on (what "auto" resolves to here)."""
+    if weights is None or not weights.uses_teacher:
+        return {}
+    chosen = weights.backend
+    if chosen == "auto":
+        chosen = os.environ.get("QRKD_BACKEND", "auto") or "auto"
+
+    def pick(op, dt=dtype):
+        return backends.auto_backend_name(op, device_type, dt) if chosen == "auto" else chosen
+
+    out = {}
+    if weights.kd > 0:
+        out["kd"] = "torch (eager)"
+    if weights.dr > 0:
+        out["rkd_distance"] = pick("rkd_distance_loss")
+    if weights.ar > 0:
+        out["rkd_angle"] = pick("rkd_angle_loss")
+    if weights.qk > 0:
+        if weights.qk_backend == "simple":
+            out["fidelity_kernel(simple)"] = pick("fidelity_kernel_loss")
+        else:
+            complex_dtype = torch.complex128 if dtype == torch.float64 else torch.complex64
+            out[f"fidelity_kernel(merlin m={weights.qk_n_modes} n={weights.qk_n_photons})"] = pick(
+                "photonic_fidelity", complex_dtype)
+    return out
+
+
+def config_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)
