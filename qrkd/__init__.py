@@ -5,10 +5,12 @@ from .functional import (
     fidelity_kernel_loss,
     fidelity_kernel_matrix,
     kd_loss,
+    photonic_fidelity,
     rkd_angle_loss,
     rkd_distance_loss,
 )
 from .losses import DistillationLoss, FidelityKernelLoss, KDLoss, RKDAngleLoss, RKDDistanceLoss
+from .photonic import PhotonicFidelityKernel
 
 __version__ = "0.1.0"
 
@@ -16,6 +18,7 @@ __all__ = [
     "DistillationLoss",
     "FidelityKernelLoss",
     "KDLoss",
+    "PhotonicFidelityKernel",
     "RKDAngleLoss",
     "RKDDistanceLoss",
     "available_backends",
@@ -23,6 +26,7 @@ __all__ = [
     "fidelity_kernel_loss",
     "fidelity_kernel_matrix",
     "kd_loss",
+    "photonic_fidelity",
     "rkd_angle_loss",
     "rkd_distance_loss",
 ]

@@ -119,3 +119,52 @@ def fidelity_kernel_loss(student, teacher, *, kernel="simple", backend: str = "a
     _check_kernel_name(kernel)
     impl = backends.resolve(backend, "fidelity_kernel_loss", student)
     return impl.fidelity_kernel_loss(student.contiguous(), teacher.contiguous())
+
+
+PHOTONIC_MAX_PHOTONS = 12
+
+
+def _check_photonic_matrices(name: str, x) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_complex():
+        if x.is_floating_point() and x.dim() == 4 and x.shape[-1] == 2:
+            x = torch.view_as_complex(x.float() if x.dtype in _UPCAST else x.contiguous())
+        else:
+            raise TypeError(
+                f"{name} must be complex (N, n, m), or real (N, n, m, 2) real/imaginary pairs; got dtype {x.dtype} "
+                f"and shape {tuple(x.shape)}"
+            )
+    if x.dtype == torch.complex32:
+        x = x.to(torch.complex64)
+    if x.dim() != 3:
+        raise ValueError(f"{name} must be 3-D (batch, photons n, modes m), got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} must have at least one row (batch size >= 1), got shape {tuple(x.shape)}")
+    if not 1 <= x.shape[1] <= PHOTONIC_MAX_PHOTONS:
+        raise ValueError(
+            f"{name} must have 1 to {PHOTONIC_MAX_PHOTONS} rows per sample (photons), got shape {tuple(x.shape)}"
+        )
+    if x.shape[2] == 0:
+        raise ValueError(f"{name} must have at least one column (mode), got shape {tuple(x.shape)}")
+    return x
+
+
+def photonic_fidelity(P, Q=None, *, backend: str = "auto"):
+    """K_ij = |Perm(P_i Q_j^H)|^2 for per-sample n x m complex matrices P (N x n x m) and Q (M x n x m; default P,
+    then K is symmetric): the fused pairwise permanent behind the photonic fidelity kernel (DESIGN.md 3.5).
+    Differentiable in P and Q; n <= 12. Returns N x M, real, in P's precision."""
+    P = _check_photonic_matrices("P", P)
+    if Q is not None:
+        Q = _check_photonic_matrices("Q", Q)
+        if Q.shape[1:] != P.shape[1:]:
+            raise ValueError(
+                f"P and Q must have the same (photons, modes) sizes, got {tuple(P.shape)} and {tuple(Q.shape)}"
+            )
+        if Q.device != P.device:
+            raise ValueError(f"P and Q must be on one device, got {P.device} and {Q.device}")
+        if Q.dtype != P.dtype:
+            common = torch.promote_types(P.dtype, Q.dtype)
+            P, Q = P.to(common), Q.to(common)
+    impl = backends.resolve(backend, "photonic_fidelity", P)
+    return impl.photonic_fidelity(P, Q)

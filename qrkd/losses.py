@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -116,9 +118,27 @@ class DistillationLoss(nn.Module):
         return self.kernels[key]
 
     def _build_photonic_kernel(self, width: int):
-        raise NotImplementedError(
-            "qk_backend='merlin' needs the photonic fidelity kernel (qrkd.PhotonicFidelityKernel), not built yet"
-        )
+        """The photonic kernel for features of this width: seeded by qk_seed (per width, so runs are reproducible),
+        m = qk_n_modes (default width + 1), n = qk_n_photons (default: MerLin's alternating state). With
+        qk_from_merlin, R is read out of MerLin's own FidelityKernel built under the same seed (needs merlinquantum)."""
+        from .photonic import PhotonicFidelityKernel
+
+        if not self.qk_from_merlin:
+            seed = self.qk_seed + width
+            return PhotonicFidelityKernel(width, self.qk_n_modes, n_photons=self.qk_n_photons, seed=seed)
+        try:
+            import merlin
+        except ImportError as exc:
+            raise ImportError("qk_from_merlin=True needs merlinquantum (pip install 'qrkd[merlin]')") from exc
+        state = PhotonicFidelityKernel(width, self.qk_n_modes, n_photons=self.qk_n_photons, seed=0).input_state
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # MerLin 0.4 deprecates n_modes, still honours it
+            torch.manual_seed(self.qk_seed + width)
+            feature_map = merlin.FeatureMap.simple(input_size=width, n_modes=self.qk_n_modes, dtype=torch.float64)
+            kernel = merlin.FidelityKernel(
+                feature_map, input_state=state.tolist(), force_psd=False, dtype=torch.float64
+            )
+        return PhotonicFidelityKernel.from_merlin(kernel, dtype=torch.float32)
 
     def forward(self, logits_s, logits_t, feat_s, feat_t):
         terms = {}

@@ -142,3 +142,75 @@ def fidelity_kernel_loss(student, teacher):
     with torch.no_grad():
         kt = fidelity_kernel_matrix(teacher)
     return F.smooth_l1_loss(fidelity_kernel_matrix(student), kt)
+
+
+# ------------------------------------------------------------------------------------------------ photonic fidelity
+
+# pair elements of one chunk (pairs x n x 2^n complex row sums); a few such temporaries are alive at once
+_PHOTONIC_CHUNK_ELEMENTS = 1 << 22
+
+
+def _ryser_tables(n, dtype, device):
+    """The 2^n - 1 non-empty column subsets as a 0/1 matrix (subsets x n) and Ryser's signs (-1)^(n - |S|)."""
+    masks = torch.arange(1, 1 << n, device=device)
+    member = (masks.unsqueeze(1) >> torch.arange(n, device=device)) & 1
+    signs = 1.0 - 2.0 * ((n - member.sum(dim=1)) % 2)
+    return member.to(dtype), signs.to(dtype)
+
+
+def _pair_kernel(P, Q, member, signs):
+    """|Perm(P_i Q_j^H)|^2 for every pair of a chunk: Ryser over all subsets at once (rows sums as one matmul)."""
+    a = torch.einsum("iak,jbk->ijab", P, Q.conj())  # rows x M x n x n
+    row_sums = a @ member.t()  # rows x M x n x subsets
+    perm = row_sums.prod(dim=-2) @ signs
+    return perm.real.square() + perm.imag.square()
+
+
+def _photonic_steps(P, Q):
+    """(rows, columns) of one chunk of pairs, so that a chunk holds about _PHOTONIC_CHUNK_ELEMENTS row sums."""
+    per_pair = P.shape[1] * (1 << P.shape[1])
+    cols = max(1, min(Q.shape[0], _PHOTONIC_CHUNK_ELEMENTS // per_pair))
+    rows = max(1, _PHOTONIC_CHUNK_ELEMENTS // (per_pair * cols))
+    return rows, cols
+
+
+class _PhotonicFidelity(torch.autograd.Function):
+    """Chunks of pairs; backward recomputes each chunk under autograd instead of keeping the subset tables."""
+
+    @staticmethod
+    def forward(ctx, P, Q):
+        member, signs = _ryser_tables(P.shape[1], P.dtype, P.device)
+        rows, cols = _photonic_steps(P, Q)
+        out = P.real.new_empty((P.shape[0], Q.shape[0]))
+        for i in range(0, P.shape[0], rows):
+            for j in range(0, Q.shape[0], cols):
+                out[i : i + rows, j : j + cols] = _pair_kernel(P[i : i + rows], Q[j : j + cols], member, signs)
+        ctx.save_for_backward(P, Q)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        P, Q = ctx.saved_tensors
+        member, signs = _ryser_tables(P.shape[1], P.dtype, P.device)
+        rows, cols = _photonic_steps(P, Q)
+        want_p, want_q = ctx.needs_input_grad[:2]
+        grad_p = torch.zeros_like(P) if want_p else None
+        grad_q = torch.zeros_like(Q) if want_q else None
+        for i in range(0, P.shape[0], rows):
+            for j in range(0, Q.shape[0], cols):
+                with torch.enable_grad():
+                    p = P[i : i + rows].detach().requires_grad_(want_p)
+                    q = Q[j : j + cols].detach().requires_grad_(want_q)
+                    k = _pair_kernel(p, q, member, signs)
+                    inputs = [t for t, w in ((p, want_p), (q, want_q)) if w]
+                    grads = torch.autograd.grad(k, inputs, grad[i : i + rows, j : j + cols])
+                if want_p:
+                    grad_p[i : i + rows] += grads[0]
+                if want_q:
+                    grad_q[j : j + cols] += grads[-1]
+        return grad_p, grad_q
+
+
+def photonic_fidelity(P, Q=None):
+    return _PhotonicFidelity.apply(P, P if Q is None else Q)

@@ -5,6 +5,8 @@ seed is DESIGN.md 3.3's rule that an angle triplet whose anchor coincides with o
 its value 0 and no gradient. This module imports nothing of the package.
 """
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -20,10 +22,15 @@ def supports(op, device_type, dtype):
 
 
 def pairwise_distances(x, zero_diagonal=False):
-    """pd(X)_ij = sqrt(clamp(|x_i|^2 + |x_j|^2 - 2 x_i.x_j, 1e-12)), the seed's Gram formula."""
+    """pd(X)_ij = sqrt(clamp(|x_i|^2 + |x_j|^2 - 2 x_i.x_j, 1e-12)), the seed's Gram formula.
+
+    The diagonal is a point's distance to itself, 0 before the clamp: the seed's formula leaves the rounding of
+    |x_i|^2 - x_i.x_i there, which for shifted float64 features exceeds 1e-12 and would move the truth itself.
+    """
     sq = x.pow(2).sum(dim=1)
-    q = (sq.unsqueeze(1) + sq.unsqueeze(0) - 2.0 * (x @ x.t())).clamp(min=EPS)
-    d = q.sqrt()
+    q = sq.unsqueeze(1) + sq.unsqueeze(0) - 2.0 * (x @ x.t())
+    eye = torch.eye(len(x), dtype=torch.bool, device=x.device)
+    d = q.masked_fill(eye, 0.0).clamp(min=EPS).sqrt()
     if zero_diagonal:
         d = d.clone()
         idx = torch.arange(len(x), device=x.device)
@@ -79,3 +86,19 @@ def fidelity_kernel_loss(student, teacher):
     with torch.no_grad():
         kt = fidelity_kernel_matrix(teacher)
     return F.smooth_l1_loss(fidelity_kernel_matrix(student), kt)
+
+
+def permanent(a):
+    """Perm of the last two (n x n) dimensions by its definition: the sum over all n! permutations."""
+    n = a.shape[-1]
+    perms = torch.tensor(list(itertools.permutations(range(n))), device=a.device)  # n! x n
+    rows = torch.arange(n, device=a.device)
+    picked = a[..., rows, perms]  # ... x n! x n: a[..., r, perm[r]]
+    return picked.prod(dim=-1).sum(dim=-1)
+
+
+def photonic_fidelity(P, Q=None):
+    """K_ij = |Perm(P_i Q_j^H)|^2, materialising every n x n product and every permutation."""
+    Q = P if Q is None else Q
+    a = torch.einsum("iak,jbk->ijab", P, Q.conj())
+    return permanent(a).abs().pow(2)
