@@ -81,3 +81,145 @@ def supports(op, device_type, dtype):
     if op == "photonic_fidelity":
         return device_type in ("cpu", "cuda") and dtype in (torch.complex64, torch.complex128)
     return device_type == "cpu" and dtype in (torch.float32, torch.float64)
+
+
+# ------------------------------------------------------------- RKD distance, RKD angle, classical fidelity kernel
+# Each loss op returns (loss, dL/dstudent): when the student needs a gradient the fused CPU kernel produces it in the
+# same pass as the loss (with_grad=True) and backward only scales it by grad_output; otherwise it is an empty tensor.
+
+_OP_KERNELS.update(
+    rkd_distance_loss="rkd_distance",
+    rkd_angle_loss="rkd_angle",
+    fidelity_kernel_loss="fidelity_loss",
+    fidelity_kernel_matrix="fidelity_matrix",
+)
+
+
+def _with_grad(student: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and student.requires_grad
+
+
+def rkd_distance_loss(student, teacher, zero_diagonal=False):
+    return torch.ops.qrkd.rkd_distance(student, teacher, bool(zero_diagonal), _with_grad(student))[0]
+
+
+def rkd_angle_loss(student, teacher, anchor_start=0, anchor_stop=None):
+    stop = student.shape[0] if anchor_stop is None else int(anchor_stop)
+    return torch.ops.qrkd.rkd_angle(student, teacher, int(anchor_start), stop, _with_grad(student))[0]
+
+
+def fidelity_kernel_loss(student, teacher):
+    return torch.ops.qrkd.fidelity_loss(student, teacher, _with_grad(student))[0]
+
+
+def fidelity_kernel_matrix(x):
+    return torch.ops.qrkd.fidelity_matrix(x)
+
+
+def _fake_loss_and_grad(student, with_grad):
+    grad = student.new_empty(student.shape) if with_grad else student.new_empty((0,))
+    return student.new_empty(()), grad
+
+
+def _save_grad(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+
+
+def _scaled_grad(n_inputs):
+    def backward(ctx, grad_loss, _unused):
+        (grad,) = ctx.saved_tensors
+        if grad.numel() == 0:
+            raise RuntimeError("qrkd cpp backend: backward through a loss computed without a gradient (with_grad=False)")
+        return (grad * grad_loss,) + (None,) * (n_inputs - 1)
+
+    return backward
+
+
+def _save_input(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _fidelity_matrix_backward(ctx, grad):
+    (x,) = ctx.saved_tensors
+    return torch.ops.qrkd.fidelity_matrix_backward(grad, x)
+
+
+def _register_relation_ops():
+    """Fake (meta) implementations and autograd formulas of the ops above, so that they run under torch.compile."""
+    lib = torch.library
+
+    @lib.register_fake("qrkd::rkd_distance")
+    def _(student, teacher, zero_diagonal, with_grad):
+        return _fake_loss_and_grad(student, with_grad)
+
+    @lib.register_fake("qrkd::rkd_angle")
+    def _(student, teacher, anchor_start, anchor_stop, with_grad):
+        return _fake_loss_and_grad(student, with_grad)
+
+    @lib.register_fake("qrkd::fidelity_loss")
+    def _(student, teacher, with_grad):
+        return _fake_loss_and_grad(student, with_grad)
+
+    @lib.register_fake("qrkd::fidelity_matrix")
+    def _(x):
+        return x.new_empty((x.shape[0], x.shape[0]))
+
+    @lib.register_fake("qrkd::fidelity_matrix_backward")
+    def _(grad, x):
+        return x.new_empty(x.shape)
+
+    lib.register_autograd("qrkd::rkd_distance", _scaled_grad(4), setup_context=_save_grad)
+    lib.register_autograd("qrkd::rkd_angle", _scaled_grad(5), setup_context=_save_grad)
+    lib.register_autograd("qrkd::fidelity_loss", _scaled_grad(3), setup_context=_save_grad)
+    lib.register_autograd("qrkd::fidelity_matrix", _fidelity_matrix_backward, setup_context=_save_input)
+
+
+if _load() and hasattr(torch.ops.qrkd, "rkd_angle"):
+    _register_relation_ops()
+
+
+# ------------------------------------------------------------------------------------------------ photonic fidelity
+# csrc/cpu/photonic.cpp and csrc/cuda/photonic.cu: photonic_fidelity(P, Q, symmetric) -> K (N x M, real) and
+# photonic_fidelity_backward(grad, P, Q, symmetric) -> (dL/dP, dL/dQ). symmetric (Q is P): only pairs j >= i are
+# computed and dL/dP holds both roles of P (dL/dQ is then empty).
+
+_OP_KERNELS["photonic_fidelity"] = "photonic_fidelity"
+
+
+def photonic_fidelity(P, Q=None):
+    if Q is None:
+        return torch.ops.qrkd.photonic_fidelity(P, P, True)
+    return torch.ops.qrkd.photonic_fidelity(P, Q, False)
+
+
+def _photonic_setup(ctx, inputs, output):
+    P, Q, symmetric = inputs
+    ctx.symmetric = symmetric
+    ctx.save_for_backward(P, Q)
+
+
+def _photonic_backward(ctx, grad):
+    P, Q = ctx.saved_tensors
+    grad_p, grad_q = torch.ops.qrkd.photonic_fidelity_backward(grad.contiguous(), P, Q, ctx.symmetric)
+    if ctx.symmetric:
+        return grad_p, None, None
+    return (grad_p if ctx.needs_input_grad[0] else None), (grad_q if ctx.needs_input_grad[1] else None), None
+
+
+def _register_photonic_ops():
+    lib = torch.library
+
+    @lib.register_fake("qrkd::photonic_fidelity")
+    def _(P, Q, symmetric):
+        real = {torch.complex64: torch.float32, torch.complex128: torch.float64}.get(P.dtype, P.dtype)
+        return P.new_empty((P.shape[0], Q.shape[0]), dtype=real)
+
+    @lib.register_fake("qrkd::photonic_fidelity_backward")
+    def _(grad, P, Q, symmetric):
+        return P.new_empty(P.shape), Q.new_empty((0,) + tuple(Q.shape[1:]) if symmetric else Q.shape)
+
+    lib.register_autograd("qrkd::photonic_fidelity", _photonic_backward, setup_context=_photonic_setup)
+
+
+if _load() and hasattr(torch.ops.qrkd, "photonic_fidelity"):
+    _register_photonic_ops()

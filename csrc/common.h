@@ -1,0 +1,126 @@
+// Shared helpers of the qrkd CPU kernels.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace qrkd {
+
+constexpr double kEps = 1e-12;
+
+inline int num_threads() {
+  return std::max(1, at::get_num_threads());
+}
+
+inline int team_size() {
+#ifdef _OPENMP
+  return omp_get_num_threads();
+#else
+  return 1;
+#endif
+}
+
+inline int thread_id() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+// smooth_l1 with beta = 1 and its derivative clamp(u, -1, 1)
+template <typename T>
+inline T smooth_l1(T u) {
+  T au = std::abs(u);
+  return au < T(1) ? T(0.5) * u * u : au - T(0.5);
+}
+
+template <typename T>
+inline T smooth_l1_grad(T u) {
+  return std::min(std::max(u, T(-1)), T(1));
+}
+
+// Features: a 2-D floating CPU tensor; returns it contiguous.
+inline at::Tensor check_features(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.device().is_cpu(), "qrkd cpp kernels: ", name, " must be a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.dim() == 2, "qrkd cpp kernels: ", name, " must be 2-D (batch, features), got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "qrkd cpp kernels: ", name, " must be float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK(x.size(0) >= 1 && x.size(1) >= 1, "qrkd cpp kernels: ", name, " must be non-empty, got ", x.sizes());
+  return x.contiguous();
+}
+
+inline void check_pair(const at::Tensor& s, const at::Tensor& t) {
+  TORCH_CHECK(s.size(0) == t.size(0), "qrkd cpp kernels: student and teacher batch sizes differ (", s.size(0),
+              " vs ", t.size(0), ")");
+  TORCH_CHECK(s.scalar_type() == t.scalar_type(), "qrkd cpp kernels: student and teacher dtypes differ (",
+              s.scalar_type(), " vs ", t.scalar_type(), ")");
+}
+
+// Parallel regions (a fork and a barrier each) only pay off above some tens of thousands of elements of work.
+inline bool worth_parallel(int64_t work) {
+  return work > 65536;
+}
+
+// a[j][i] = a[i][j] for j > i (n x n, row-major), in tiles so that the column writes stay in cache
+template <typename T>
+void mirror_upper(T* a, int64_t n) {
+  constexpr int64_t kTile = 64;
+  const int64_t tiles = (n + kTile - 1) / kTile;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads()) if (worth_parallel(n * n))
+  for (int64_t bi = 0; bi < tiles; ++bi) {
+    const int64_t i0 = bi * kTile, i1 = std::min(n, i0 + kTile);
+    for (int64_t j0 = i0; j0 < n; j0 += kTile) {
+      const int64_t j1 = std::min(n, j0 + kTile);
+      for (int64_t i = i0; i < i1; ++i)
+        for (int64_t j = std::max(j0, i + 1); j < j1; ++j) a[j * n + i] = a[i * n + j];
+    }
+  }
+}
+
+// a[i][j] = a[j][i] = a[i][j] + a[j][i] for j > i (the symmetric part times 2), tiled like mirror_upper
+template <typename T>
+void symmetrise_sum(T* a, int64_t n) {
+  constexpr int64_t kTile = 64;
+  const int64_t tiles = (n + kTile - 1) / kTile;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads()) if (worth_parallel(n * n))
+  for (int64_t bi = 0; bi < tiles; ++bi) {
+    const int64_t i0 = bi * kTile, i1 = std::min(n, i0 + kTile);
+    for (int64_t j0 = i0; j0 < n; j0 += kTile) {
+      const int64_t j1 = std::min(n, j0 + kTile);
+      for (int64_t i = i0; i < i1; ++i)
+        for (int64_t j = std::max(j0, i + 1); j < j1; ++j) {
+          const T v = a[i * n + j] + a[j * n + i];
+          a[i * n + j] = v;
+          a[j * n + i] = v;
+        }
+    }
+  }
+}
+
+// The upper triangle (j >= i, diagonal included) of a a^T into the n x n matrix c; what lies below the diagonal is
+// unspecified. Large n: row stripes against the columns from the stripe on, about 2/3 of a full GEMM's time.
+inline void gram_upper(const at::Tensor& a, at::Tensor& c) {
+  const int64_t n = a.size(0);
+  constexpr int64_t kStripe = 512;
+  if (n < 2 * kStripe) {
+    at::mm_out(c, a, a.t());
+    return;
+  }
+  for (int64_t i0 = 0; i0 < n; i0 += kStripe) {
+    const int64_t rows = std::min(kStripe, n - i0);
+    at::Tensor out = c.narrow(0, i0, rows).narrow(1, i0, n - i0);
+    at::mm_out(out, a.narrow(0, i0, rows), a.narrow(0, i0, n - i0).t());
+  }
+}
+
+}  // namespace qrkd
