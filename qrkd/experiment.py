@@ -150,7 +150,7 @@ def _cell(stat, digits=2, signed=False):
 def format_table(summary, n_seeds: int) -> str:
     pm = f" (mean ± std over {n_seeds} seeds)" if n_seeds > 1 else ""
     lines = [
-        f"| Variant | Train (%) | Test (%) | Acc. gap | T&S gap | Dist. gain | s/epoch (train) | wall (s) |",
+        "| Variant | Train (%) | Test (%) | Acc. gap | T&S gap | Dist. gain | s/epoch (train) | wall (s) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for variant, cols in summary.items():

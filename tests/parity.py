@@ -80,3 +80,43 @@ def check_parity(relation, impl, s64, t64, grad_output=1.0):
         f"{relation} float32 gradient error {err_g32:.3g} (reference's own {ref_err_g:.3g}, max {scale:.3g})"
     )
     return {"value64": err_v64, "grad64": err_g64, "value32": err_v32, "grad32": err_g32, "scale": scale}
+
+
+def check_identical_rows(impl, relation, n, device="cpu"):
+    """All rows identical on both sides: loss 0 and zero, finite gradient (the classical fidelity kernel is 1 on both
+    sides up to the rounding of (psi . psi)^2, so there the loss and gradient are only tiny)."""
+    for dtype in (torch.float32, torch.float64):
+        s = make_features(n, 5, "identical", seed=11, dtype=dtype).mul(7.3).to(device).requires_grad_(True)
+        t = make_features(n, 3, "identical", seed=12, dtype=dtype).to(device)
+        loss = loss_fn(impl, relation)(s, t)
+        (grad,) = torch.autograd.grad(loss, s)
+        assert torch.isfinite(grad).all()
+        if relation == "fidelity":
+            assert loss.item() < 1e-10 and grad.abs().max().item() < 1e-5
+        else:
+            assert loss.item() == 0.0 and grad.abs().max().item() == 0.0
+
+
+def check_coincident_points_send_no_angle_gradient(impl, device="cpu"):
+    """DESIGN.md 3.3: a triplet whose anchor coincides with another point has value 0 and no gradient (the seed's
+    formula gives ~1e10 there); the result still matches the reference."""
+    s = make_features(9, 4, seed=13)
+    s[4] = s[2]
+    t = make_features(9, 4, seed=14)
+    for dtype in (torch.float32, torch.float64):
+        x = s.to(dtype).to(device).requires_grad_(True)
+        (grad,) = torch.autograd.grad(impl.rkd_angle_loss(x, t.to(dtype).to(device)), x)
+        assert torch.isfinite(grad).all() and grad.abs().max().item() < 1.0
+    if impl is not reference:
+        check_parity("rkd_angle", impl, s.to(device), t.to(device))
+
+
+def check_angle_shares_add_up(impl, s, t, ranges):
+    """The anchor-range shares of a partition of the anchors add up to the loss, values and gradients."""
+    x = s.clone().requires_grad_(True)
+    full = impl.rkd_angle_loss(x, t)
+    (g_full,) = torch.autograd.grad(full, x)
+    parts = [impl.rkd_angle_loss(x, t, a, b) for a, b in ranges]
+    (g_parts,) = torch.autograd.grad(sum(parts), x)
+    torch.testing.assert_close(sum(parts), full, rtol=1e-12, atol=0)
+    torch.testing.assert_close(g_parts, g_full, rtol=1e-10, atol=1e-15)

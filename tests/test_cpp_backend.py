@@ -9,7 +9,16 @@ import os
 import pytest
 import torch
 
-from parity import RELATIONS, check_parity, loss_fn, make_features, value_and_grad
+from parity import (
+    RELATIONS,
+    check_angle_shares_add_up,
+    check_coincident_points_send_no_angle_gradient,
+    check_identical_rows,
+    check_parity,
+    loss_fn,
+    make_features,
+    value_and_grad,
+)
 from qrkd import backends
 from qrkd.backends import pure_torch, reference
 
@@ -161,13 +170,7 @@ def test_angle_anchor_ranges_match_reference(anchors):
 
 def test_angle_anchor_ranges_add_up():
     s, t = make_features(40, 5, "zero_rows", seed=22), make_features(40, 7, seed=23)
-    x = s.clone().requires_grad_(True)
-    full = cpp.rkd_angle_loss(x, t)
-    (g_full,) = torch.autograd.grad(full, x)
-    parts = [cpp.rkd_angle_loss(x, t, a, b) for a, b in [(0, 1), (1, 19), (19, 19), (19, 40)]]
-    (g_parts,) = torch.autograd.grad(sum(parts), x)
-    torch.testing.assert_close(sum(parts), full, rtol=1e-12, atol=0)
-    torch.testing.assert_close(g_parts, g_full, rtol=1e-10, atol=1e-15)
+    check_angle_shares_add_up(cpp, s, t, [(0, 1), (1, 19), (19, 19), (19, 40)])
 
 
 @pytest.mark.parametrize("band", ["3", "64"])
@@ -208,16 +211,7 @@ def test_no_grad_path_gives_the_same_value(relation):
 @pytest.mark.parametrize("relation", RELATIONS)
 @pytest.mark.parametrize("n", [1, 2, 9])
 def test_identical_rows_give_zero_loss_and_zero_gradient(relation, n):
-    for dtype in (torch.float32, torch.float64):
-        s = make_features(n, 5, "identical", seed=32, dtype=dtype).mul(7.3).requires_grad_(True)
-        t = make_features(n, 3, "identical", seed=33, dtype=dtype)
-        loss = loss_fn(cpp, relation)(s, t)
-        (grad,) = torch.autograd.grad(loss, s)
-        assert torch.isfinite(grad).all()
-        if relation == "fidelity":  # K = 1 on both sides up to the rounding of (psi . psi)^2
-            assert loss.item() < 1e-10 and grad.abs().max().item() < 1e-5
-        else:
-            assert loss.item() == 0.0 and grad.abs().max().item() == 0.0
+    check_identical_rows(cpp, relation, n)
 
 
 def test_distance_zero_diagonal_single_row_is_zero():
@@ -228,13 +222,7 @@ def test_distance_zero_diagonal_single_row_is_zero():
 
 
 def test_angle_coincident_points_send_no_gradient():
-    s = make_features(9, 4, seed=36)
-    s[4] = s[2]
-    t = make_features(9, 4, seed=37)
-    for dtype in (torch.float32, torch.float64):
-        x = s.to(dtype).requires_grad_(True)
-        (grad,) = torch.autograd.grad(cpp.rkd_angle_loss(x, t.to(dtype)), x)
-        assert torch.isfinite(grad).all() and grad.abs().max().item() < 1.0
+    check_coincident_points_send_no_angle_gradient(cpp)
 
 
 @pytest.mark.parametrize("relation", RELATIONS)

@@ -10,7 +10,6 @@ import torch
 
 import qrkd
 from qrkd import PhotonicFidelityKernel
-from qrkd import functional as Fq
 from qrkd.backends import reference
 from qrkd.photonic import default_input_state
 

@@ -13,7 +13,15 @@ import pytest
 import torch
 
 import qrkd
-from parity import RELATIONS, check_parity, loss_fn, make_features
+from parity import (
+    RELATIONS,
+    check_angle_shares_add_up,
+    check_coincident_points_send_no_angle_gradient,
+    check_identical_rows,
+    check_parity,
+    loss_fn,
+    make_features,
+)
 from qrkd.backends import reference, triton_launch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -246,13 +254,8 @@ def test_angle_anchor_ranges(ranges):
 
 def test_angle_anchor_shares_add_up_to_the_loss(small_blocks):
     s, t = on_device(make_features(21, 4, "zero_rows", seed=20), make_features(21, 6, seed=21))
+    check_angle_shares_add_up(triton_launch, s, t, [(0, 3), (3, 3), (3, 17), (17, 21)])
     x = s.clone().requires_grad_(True)
-    full = triton_launch.rkd_angle_loss(x, t)
-    (g_full,) = torch.autograd.grad(full, x)
-    parts = [triton_launch.rkd_angle_loss(x, t, a, b) for a, b in [(0, 3), (3, 3), (3, 17), (17, 21)]]
-    (g_parts,) = torch.autograd.grad(sum(parts), x)
-    torch.testing.assert_close(sum(parts), full, rtol=1e-12, atol=0)
-    torch.testing.assert_close(g_parts, g_full, rtol=1e-10, atol=1e-16)
     empty = triton_launch.rkd_angle_loss(x, t, 4, 4)
     (g_empty,) = torch.autograd.grad(empty, x)
     assert empty.item() == 0.0 and g_empty.abs().max().item() == 0.0
@@ -261,28 +264,13 @@ def test_angle_anchor_shares_add_up_to_the_loss(small_blocks):
 
 
 def test_angle_coincident_points_send_no_gradient():
-    s = make_features(9, 4, seed=22)
-    s[4] = s[2]
-    s, t = on_device(s, make_features(9, 4, seed=23))
-    x = s.clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(triton_launch.rkd_angle_loss(x, t), x)
-    assert torch.isfinite(grad).all() and grad.abs().max().item() < 1.0
-    check_parity("rkd_angle", triton_launch, s, t)
+    check_coincident_points_send_no_angle_gradient(triton_launch, DEVICE)
 
 
 @pytest.mark.parametrize("relation", RELATIONS)
 @pytest.mark.parametrize("n", [1, 2, 9])
 def test_identical_rows_give_zero_loss_and_zero_gradient(relation, n):
-    for dtype in (torch.float32, torch.float64):
-        s = make_features(n, 5, "identical", seed=24, dtype=dtype).mul(7.3).to(DEVICE).requires_grad_(True)
-        t = make_features(n, 3, "identical", seed=25, dtype=dtype).to(DEVICE)
-        loss = loss_fn(triton_launch, relation)(s, t)
-        (grad,) = torch.autograd.grad(loss, s)
-        assert torch.isfinite(grad).all()
-        if relation == "fidelity":  # K = 1 on both sides up to the rounding of (psi . psi)^2
-            assert loss.item() < 1e-10 and grad.abs().max().item() < 1e-5
-        else:
-            assert loss.item() == 0.0 and grad.abs().max().item() == 0.0
+    check_identical_rows(triton_launch, relation, n, DEVICE)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, under the interpreter
