@@ -17,7 +17,7 @@ $(VENV)/.installed: setup.py pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet $(STACK)
 	$(PIP) install --quiet --no-build-isolation -e ".[dev]"
-	touch $(VENV)/.built $@
+	touch $@ $(VENV)/.built  # in this order: the editable install has just built the extension
 
 install: $(VENV)/.installed
 

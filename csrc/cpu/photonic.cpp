@@ -31,12 +31,12 @@ constexpr int kMaxPhotons = 12;
 constexpr int64_t kTileRows = 16;
 constexpr int64_t kTileBlocks = 32;
 
-// Threads for a job of `units` multiply-adds: one per ~16M (a few milliseconds), so that a small kernel matrix (the
-// seed's 128 x 128, forward and backward) runs on one thread: on a busy machine a second thread that gets preempted
-// costs more than it saves.
+// Threads for a job of `units` multiply-adds: one per ~2M (about half a millisecond), so that a tiny kernel matrix
+// stays on one thread (a thread's start-up and a preempted thread on a busy machine cost more than it saves) while the
+// seed's 128 x 128 (about 3.4M) already uses two.
 static int threads_for(double units) {
 #ifdef _OPENMP
-  const double want = units / double(1 << 24);
+  const double want = units / double(1 << 21);
   return static_cast<int>(std::max(1.0, std::min<double>(omp_get_max_threads(), want)));
 #else
   (void)units;
