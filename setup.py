@@ -25,6 +25,8 @@ def extensions():
     except ImportError:
         print("qrkd setup: torch is not importable; building the pure-Python package only", file=sys.stderr)
         return [], {}
+    if _flag("QRKD_SKIP_EXT"):  # the Makefile installs first, then builds the extension in place once
+        return [], {}
     here = os.path.dirname(os.path.abspath(__file__))
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
