@@ -71,9 +71,10 @@ inline bool worth_parallel(int64_t work) {
   return work > 65536;
 }
 
-// a[j][i] = a[i][j] for j > i (n x n, row-major), in tiles so that the column writes stay in cache
-template <typename T>
-void mirror_upper(T* a, int64_t n) {
+// Calls pair(i * n + j, j * n + i) for every j > i of an n x n row-major matrix, in 64 x 64 tiles so that the
+// column accesses stay in cache.
+template <typename Pair>
+void for_each_upper_pair(int64_t n, Pair pair) {
   constexpr int64_t kTile = 64;
   const int64_t tiles = (n + kTile - 1) / kTile;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads()) if (worth_parallel(n * n))
@@ -82,29 +83,21 @@ void mirror_upper(T* a, int64_t n) {
     for (int64_t j0 = i0; j0 < n; j0 += kTile) {
       const int64_t j1 = std::min(n, j0 + kTile);
       for (int64_t i = i0; i < i1; ++i)
-        for (int64_t j = std::max(j0, i + 1); j < j1; ++j) a[j * n + i] = a[i * n + j];
+        for (int64_t j = std::max(j0, i + 1); j < j1; ++j) pair(i * n + j, j * n + i);
     }
   }
 }
 
-// a[i][j] = a[j][i] = a[i][j] + a[j][i] for j > i (the symmetric part times 2), tiled like mirror_upper
+// a[j][i] = a[i][j] for j > i
+template <typename T>
+void mirror_upper(T* a, int64_t n) {
+  for_each_upper_pair(n, [a](int64_t upper, int64_t lower) { a[lower] = a[upper]; });
+}
+
+// a[i][j] = a[j][i] = a[i][j] + a[j][i] for j > i (the symmetric part times 2)
 template <typename T>
 void symmetrise_sum(T* a, int64_t n) {
-  constexpr int64_t kTile = 64;
-  const int64_t tiles = (n + kTile - 1) / kTile;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads()) if (worth_parallel(n * n))
-  for (int64_t bi = 0; bi < tiles; ++bi) {
-    const int64_t i0 = bi * kTile, i1 = std::min(n, i0 + kTile);
-    for (int64_t j0 = i0; j0 < n; j0 += kTile) {
-      const int64_t j1 = std::min(n, j0 + kTile);
-      for (int64_t i = i0; i < i1; ++i)
-        for (int64_t j = std::max(j0, i + 1); j < j1; ++j) {
-          const T v = a[i * n + j] + a[j * n + i];
-          a[i * n + j] = v;
-          a[j * n + i] = v;
-        }
-    }
-  }
+  for_each_upper_pair(n, [a](int64_t upper, int64_t lower) { a[upper] = a[lower] = a[upper] + a[lower]; });
 }
 
 // The upper triangle (j >= i, diagonal included) of a a^T into the n x n matrix c; what lies below the diagonal is

@@ -13,6 +13,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "photonic_dispatch.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <tuple>
@@ -390,23 +392,6 @@ static void check_pair(const at::Tensor& P, const at::Tensor& Q, const char* op)
               ", got ", P.size(1));
   TORCH_CHECK(P.device().is_cpu() && Q.device().is_cpu(), op, ": CPU tensors expected");
 }
-
-#define QRKD_PHOTONIC_DISPATCH(NROWS, FN, ...) \
-  switch (NROWS) {                              \
-    case 1: FN<1>(__VA_ARGS__); break;          \
-    case 2: FN<2>(__VA_ARGS__); break;          \
-    case 3: FN<3>(__VA_ARGS__); break;          \
-    case 4: FN<4>(__VA_ARGS__); break;          \
-    case 5: FN<5>(__VA_ARGS__); break;          \
-    case 6: FN<6>(__VA_ARGS__); break;          \
-    case 7: FN<7>(__VA_ARGS__); break;          \
-    case 8: FN<8>(__VA_ARGS__); break;          \
-    case 9: FN<9>(__VA_ARGS__); break;          \
-    case 10: FN<10>(__VA_ARGS__); break;        \
-    case 11: FN<11>(__VA_ARGS__); break;        \
-    case 12: FN<12>(__VA_ARGS__); break;        \
-    default: TORCH_CHECK(false, "photonic_fidelity: unsupported photon count ", NROWS); \
-  }
 
 at::Tensor photonic_fidelity_cpu(const at::Tensor& P, const at::Tensor& Q, bool symmetric) {
   check_pair(P, Q, "photonic_fidelity");

@@ -9,6 +9,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "photonic_dispatch.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <tuple>
@@ -195,23 +197,6 @@ static void launch_pair_grad(const double* p, const double* q, const double* g, 
   pair_grad_kernel<NR><<<grid_for(rows * M), kThreads, 0, stream>>>(p, q, g, rows, M, m, y);
 }
 
-#define QRKD_PHOTONIC_CUDA_DISPATCH(NROWS, FN, ...) \
-  switch (NROWS) {                                   \
-    case 1: FN<1>(__VA_ARGS__); break;               \
-    case 2: FN<2>(__VA_ARGS__); break;               \
-    case 3: FN<3>(__VA_ARGS__); break;               \
-    case 4: FN<4>(__VA_ARGS__); break;               \
-    case 5: FN<5>(__VA_ARGS__); break;               \
-    case 6: FN<6>(__VA_ARGS__); break;               \
-    case 7: FN<7>(__VA_ARGS__); break;               \
-    case 8: FN<8>(__VA_ARGS__); break;               \
-    case 9: FN<9>(__VA_ARGS__); break;               \
-    case 10: FN<10>(__VA_ARGS__); break;             \
-    case 11: FN<11>(__VA_ARGS__); break;             \
-    case 12: FN<12>(__VA_ARGS__); break;             \
-    default: TORCH_CHECK(false, "photonic_fidelity: unsupported photon count ", NROWS); \
-  }
-
 at::Tensor photonic_fidelity_cuda(const at::Tensor& P, const at::Tensor& Q, bool symmetric) {
   check_pair(P, Q, "photonic_fidelity");
   TORCH_CHECK(!symmetric || P.size(0) == Q.size(0), "photonic_fidelity: symmetric needs Q of P's size");
@@ -223,7 +208,7 @@ at::Tensor photonic_fidelity_cuda(const at::Tensor& P, const at::Tensor& Q, bool
   at::Tensor out = at::empty({N, M}, P.options().dtype(at::kDouble));
   if (N > 0 && M > 0) {
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    QRKD_PHOTONIC_CUDA_DISPATCH(n, launch_forward, p.data_ptr<double>(), q.data_ptr<double>(), N, M, m, symmetric,
+    QRKD_PHOTONIC_DISPATCH(n, launch_forward, p.data_ptr<double>(), q.data_ptr<double>(), N, M, m, symmetric,
                                 out.data_ptr<double>(), stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -255,7 +240,7 @@ std::tuple<at::Tensor, at::Tensor> photonic_fidelity_backward_cuda(const at::Ten
     for (int64_t r0 = 0; r0 < N; r0 += chunk) {
       const int64_t rows = std::min(chunk, N - r0);
       at::Tensor y = at::empty({rows * n, M * n}, p.options());
-      QRKD_PHOTONIC_CUDA_DISPATCH(n, launch_pair_grad, p_real.data_ptr<double>() + 2 * r0 * n * m,
+      QRKD_PHOTONIC_DISPATCH(n, launch_pair_grad, p_real.data_ptr<double>() + 2 * r0 * n * m,
                                   q_real.data_ptr<double>(), g.data_ptr<double>() + r0 * M, rows, M, m,
                                   reinterpret_cast<double*>(y.data_ptr<c10::complex<double>>()), stream);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
