@@ -15,6 +15,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -25,12 +26,35 @@ from . import __version__
 from .data import DATASETS, IN_CHANNELS, NUM_CLASSES, DataNotFoundError, default_data_root, make_loaders
 from .losses import DistillationLoss
 from .models import CheckpointError, StudentCNN, TeacherCNN, load_checkpoint, save_checkpoint
-from .train import TrainConfig, evaluate, init_distributed, loss_backends, train_student, train_teacher
+from .backends import backend_status
+from .train import (TrainConfig, batches_per_epoch, evaluate, init_distributed, loss_backends, train_student,
+                    train_teacher)
 
-VARIANTS = ("teacher", "scratch", "kd", "rkd", "qrkd", "qrkd-simple")
+VARIANTS = ("teacher", "scratch", "kd", "rkd", "qrkd", "qrkd-simple", "qrkd-detached")
 DEFAULT_VARIANTS = ("teacher", "scratch", "kd", "rkd", "qrkd")
 LABELS = {"teacher": "Teacher", "scratch": "Scratch", "kd": "KD", "rkd": "RKD", "qrkd": "QRKD",
-          "qrkd-simple": "QRKD (simple)"}
+          "qrkd-simple": "QRKD (simple)", "qrkd-detached": "QRKD (detached)"}
+RELATIONAL = ("rkd", "qrkd", "qrkd-simple", "qrkd-detached")  # variants whose loss needs two or more samples
+
+# Named configurations. "seed" is the seed notebook's (the default, `make demo`); "paper" is the setup of the
+# published 10-epoch MNIST table: the whole training set, batch 64, Adam lr 1e-3, 10 epochs, every variant.
+# An explicit flag always overrides its preset's value.
+PRESETS = {
+    "seed": {"subset": 10_000, "epochs": 3, "batch_size": 128, "lr": 1e-3, "seeds": [1337],
+             "variants": list(DEFAULT_VARIANTS)},
+    "paper": {"subset": 0, "epochs": 10, "batch_size": 64, "lr": 1e-3, "seeds": [42, 1, 2, 3, 4],
+              "variants": ["teacher", "scratch", "kd", "rkd", "qrkd-simple", "qrkd", "qrkd-detached"]},
+}
+
+# The published single-seed (seed 42) MNIST table (reproduced_papers' QRKD report; full training set, batch 64,
+# 10 epochs). Its "QRKD-merlin" row computes the photonic term on detached student features: our qrkd-detached.
+PUBLISHED = {"mnist": {"teacher": 98.34, "scratch": 90.85, "kd": 95.05, "rkd": 94.35, "qrkd-simple": 95.39,
+                       "qrkd-detached": 95.05}}
+
+# the options that decide what is trained: a resumed run must agree with the interrupted one on all of them
+TRAINING_OPTIONS = ("dataset", "subset", "epochs", "batch_size", "lr", "seeds", "variants", "qk_backend", "qk_modes",
+                    "qk_photons", "loss_backend", "teacher_checkpoint", "max_batches")
+RUN_FILES = ("run.json", "results.json", "report.md", "accuracy.png")
 
 
 def variant_weights(variant: str, args) -> DistillationLoss:
@@ -42,10 +66,11 @@ def variant_weights(variant: str, args) -> DistillationLoss:
         return DistillationLoss(kd=0.5, dr=0.0, ar=0.0, qk=0.0, **common)
     if variant == "rkd":
         return DistillationLoss(kd=0.0, dr=0.1, ar=0.1, qk=0.0, **common)
-    if variant in ("qrkd", "qrkd-simple"):
+    if variant in ("qrkd", "qrkd-simple", "qrkd-detached"):
         qk_backend = "simple" if variant == "qrkd-simple" else args.qk_backend
         return DistillationLoss(kd=0.5, dr=0.1, ar=0.1, qk=0.1, qk_backend=qk_backend, qk_n_modes=args.qk_modes,
-                                qk_n_photons=args.qk_photons, **common)
+                                qk_n_photons=args.qk_photons, qk_detach_student=variant == "qrkd-detached",
+                                **common)
     raise ValueError(f"unknown student variant {variant!r}")
 
 
@@ -67,11 +92,31 @@ def _positive_int(text: str):
     return value
 
 
-def _seeds(text: str):
+def _seed_list(text: str):
     try:
         return [int(s) for s in text.replace(",", " ").split()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"seeds must be integers, got {text!r}") from None
+
+
+def _positive_float(text: str):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite positive number, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,33 +125,55 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a teacher and distilled students (the seed experiment) and compare them.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    seed = PRESETS["seed"]
+    p.add_argument("--preset", choices=tuple(PRESETS), default="seed",
+                   help="named configuration: 'seed' is the seed notebook's, 'paper' the published table's (whole "
+                        "training set, batch 64, 10 epochs, seeds 42 1 2 3 4, every variant); flags override it")
     p.add_argument("--dataset", choices=DATASETS, default="mnist")
     p.add_argument("--data-root", default=None,
                    help="dataset folder (default: $QRKD_DATA_ROOT, else ./data)")
     p.add_argument("--no-download", action="store_true", help="never try to download missing files")
-    p.add_argument("--subset", type=int, default=10_000, help="training samples drawn per seed (0: all)")
-    p.add_argument("--epochs", type=_positive_int, default=3)
-    p.add_argument("--batch-size", type=_positive_int, default=128, help="global batch (split over processes)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seeds", type=_seeds, default=[1337], help="one or more seeds, e.g. '1337 1 2' or 1337,1,2")
-    p.add_argument("--variants", type=_variants, default=list(DEFAULT_VARIANTS),
-                   help=f"comma list of {', '.join(VARIANTS)}")
+    p.add_argument("--subset", type=_non_negative_int, default=None,
+                   help=f"training samples drawn per seed (0: all; preset seed: {seed['subset']})")
+    p.add_argument("--epochs", type=_positive_int, default=None, help=f"(preset seed: {seed['epochs']})")
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help=f"global batch, split over processes (preset seed: {seed['batch_size']})")
+    p.add_argument("--lr", type=_positive_float, default=None, help=f"Adam's learning rate (preset seed: {seed['lr']})")
+    p.add_argument("--seeds", type=_seed_list, nargs="+", default=None,
+                   help="one or more seeds: '--seeds 1337 1 2' or '--seeds 1337,1,2' (preset seed: 1337)")
+    p.add_argument("--variants", type=_variants, default=None,
+                   help=f"comma list of {', '.join(VARIANTS)} (preset seed: {','.join(DEFAULT_VARIANTS)})")
     p.add_argument("--qk-backend", choices=("merlin", "simple"), default="merlin",
-                   help="fidelity kernel of the qrkd variant (qrkd-simple always uses 'simple')")
+                   help="fidelity kernel of the qrkd and qrkd-detached variants (qrkd-simple always uses 'simple')")
     p.add_argument("--qk-modes", type=_positive_int, default=10, help="photonic kernel: modes m")
     p.add_argument("--qk-photons", type=_positive_int, default=5, help="photonic kernel: photons n")
     p.add_argument("--loss-backend", default="auto", help="backend of the relational losses (see `qrkd info`)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--out", default="runs", help="output folder; results go to <out>/<name>/")
     p.add_argument("--name", default=None, help="run name (default: <dataset>-<date>-<time>)")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue the interrupted run <out>/<name> from its last finished epoch")
+    again.add_argument("--overwrite", action="store_true", help="replace an existing run <out>/<name>")
     p.add_argument("--teacher-checkpoint", default=None,
                    help="reuse this teacher (a checkpoint written by qrkd) instead of training one")
     p.add_argument("--max-batches", type=_positive_int, default=None,
                    help="training batches per epoch (default: all; for quick runs)")
-    p.add_argument("--threads", type=int, default=0,
+    p.add_argument("--threads", type=_non_negative_int, default=0,
                    help="CPU threads for torch (0: torch's default); 1 is often faster on a busy machine")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parses the command line and fills every option left unset from the preset."""
+    args = build_parser().parse_args(argv)
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, list(value) if isinstance(value, list) else value)
+    if args.seeds and isinstance(args.seeds[0], list):  # nargs="+" of comma lists
+        args.seeds = [s for group in args.seeds for s in group]
+    return args
 
 
 # ---------------------------------------------------------------------------------------------------------- stats
@@ -122,8 +189,57 @@ def mean_std(values):
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
+def _t_cdf_central(t: float, df: int) -> float:
+    """P(|T| <= t) for Student's t with an integer number of degrees of freedom (closed form, Abramowitz & Stegun
+    26.7.3-4)."""
+    theta = math.atan(t / math.sqrt(df))
+    c2, s = math.cos(theta) ** 2, math.sin(theta)
+    if df % 2:  # odd
+        total, term = 0.0, math.cos(theta)
+        for k in range(1, (df - 1) // 2 + 1):
+            total += term
+            term *= c2 * (2 * k) / (2 * k + 1)
+        return (2 / math.pi) * (theta + s * total) if df > 1 else 2 * theta / math.pi
+    total, term = 0.0, 1.0
+    for k in range(1, df // 2 + 1):
+        total += term
+        term *= c2 * (2 * k - 1) / (2 * k)
+    return s * total
+
+
+def t_quantile(confidence: float, df: int) -> float:
+    """The two-sided critical value t with P(|T| <= t) = confidence for Student's t with df degrees of freedom."""
+    if not (isinstance(df, int) and df >= 1):
+        raise ValueError(f"df must be a positive int, got {df!r}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    lo, hi = 0.0, 1.0
+    while _t_cdf_central(hi, df) < confidence:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _t_cdf_central(mid, df) < confidence else (lo, mid)
+    return (lo + hi) / 2
+
+
+def paired_difference(a, b, confidence: float = 0.95):
+    """Mean of a[i] - b[i] over pairs (seeds) with its t confidence interval; None when fewer than two pairs."""
+    diffs = [x - y for x, y in zip(a, b) if x is not None and y is not None]
+    if len(diffs) < 2:
+        return None
+    mean, std = mean_std(diffs)
+    half = t_quantile(confidence, len(diffs) - 1) * std / math.sqrt(len(diffs))
+    return {"mean": mean, "std": std, "n": len(diffs), "ci_low": mean - half, "ci_high": mean + half,
+            "confidence": confidence, "contains_zero": mean - half <= 0 <= mean + half}
+
+
+def _per_seed(runs, variant, key):
+    return [run["variants"][variant][key] if variant in run["variants"] else None for run in runs]
+
+
 def summarise(runs, variants):
-    """Per variant, over seeds: mean and std of train, test, acc_gap, ts_gap, dist_gain, seconds per epoch, wall."""
+    """Per variant, over seeds: mean and std of train, test, acc_gap, ts_gap, dist_gain, seconds per epoch, wall;
+    for the distilled variants, the paired (by seed) difference in test accuracy to scratch and to RKD."""
     summary = {}
     for variant in variants:
         rows = [run["variants"][variant] for run in runs if variant in run["variants"]]
@@ -135,6 +251,10 @@ def summarise(runs, variants):
             mean, std = mean_std([row.get(key) for row in rows])
             cols[key] = None if mean is None else {"mean": mean, "std": std}
         cols["seeds"] = len(rows)
+        if variant not in ("teacher", "scratch"):
+            test = _per_seed(runs, variant, "test_acc")
+            cols["vs_scratch"] = paired_difference(test, _per_seed(runs, "scratch", "test_acc"))
+            cols["vs_rkd"] = None if variant == "rkd" else paired_difference(test, _per_seed(runs, "rkd", "test_acc"))
         summary[variant] = cols
     return summary
 
@@ -147,56 +267,84 @@ def _cell(stat, digits=2, signed=False):
     return text + f" ± {stat['std']:.{digits}f}" if stat.get("std") and stat["std"] > 0 else text
 
 
-def format_table(summary, n_seeds: int) -> str:
+def _diff_cell(diff):
+    if diff is None:
+        return "-"
+    text = f"{diff['mean']:+.2f} [{diff['ci_low']:+.2f}, {diff['ci_high']:+.2f}]"
+    return text + " (contains 0)" if diff["contains_zero"] else text
+
+
+def format_table(summary, n_seeds: int, published=None) -> str:
     pm = f" (mean ± std over {n_seeds} seeds)" if n_seeds > 1 else ""
-    lines = [
-        "| Variant | Train (%) | Test (%) | Acc. gap | T&S gap | Dist. gain | s/epoch (train) | wall (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    head = "| Variant | Train (%) | Test (%) | Acc. gap | T&S gap | Dist. gain | s/epoch (train) | wall (s) |"
+    rule = "|---|---:|---:|---:|---:|---:|---:|---:|"
+    if published:
+        head, rule = head + " Published test (%) |", rule + "---:|"
+    lines = [head, rule]
     for variant, cols in summary.items():
-        lines.append(
-            f"| {LABELS[variant]} | {_cell(cols['train_acc'])} | {_cell(cols['test_acc'])} | "
-            f"{_cell(cols['acc_gap'], signed=True)} | {_cell(cols['ts_gap'], signed=True)} | "
-            f"{_cell(cols['dist_gain'], signed=True)} | {_cell(cols['train_s_per_epoch'], 1)} | "
-            f"{_cell(cols['wall_s'], 1)} |"
-        )
+        line = (f"| {LABELS[variant]} | {_cell(cols['train_acc'])} | {_cell(cols['test_acc'])} | "
+                f"{_cell(cols['acc_gap'], signed=True)} | {_cell(cols['ts_gap'], signed=True)} | "
+                f"{_cell(cols['dist_gain'], signed=True)} | {_cell(cols['train_s_per_epoch'], 1)} | "
+                f"{_cell(cols['wall_s'], 1)} |")
+        if published:
+            line += f" {published[variant]:.2f} |" if variant in published else " - |"
+        lines.append(line)
     note = (f"Accuracies after the last epoch{pm}. Acc. gap = train - test; T&S gap = teacher test - student test; "
-            "Dist. gain = student test - scratch test.")
-    return "\n".join(lines) + "\n\n" + note + "\n"
+            "Dist. gain = student test - scratch test; s/epoch (train) = the optimisation steps alone.")
+    if published:
+        note += (" Published: the single-seed (42) table of the QRKD reproduction (its QRKD-merlin row computes the "
+                 "photonic term on detached student features, as our QRKD (detached) does).")
+    text = "\n".join(lines) + "\n\n" + note + "\n"
+    paired = [(v, c) for v, c in summary.items() if c.get("vs_scratch") or c.get("vs_rkd")]
+    if paired:
+        conf = next(c[k]["confidence"] for _, c in paired for k in ("vs_scratch", "vs_rkd") if c.get(k))
+        text += ("\n| Variant | Test - Scratch, mean [CI] | Test - RKD, mean [CI] |\n|---|---:|---:|\n"
+                 + "\n".join(f"| {LABELS[v]} | {_diff_cell(c.get('vs_scratch'))} | {_diff_cell(c.get('vs_rkd'))} |"
+                             for v, c in paired)
+                 + f"\n\nPaired by seed (the students of one seed share initial weights and batches): mean difference "
+                   f"in test accuracy (points) with its {round(conf * 100)}% t confidence interval; '(contains 0)' "
+                   "marks a difference these seeds cannot tell from none.\n")
+    return text
 
 
 # ---------------------------------------------------------------------------------------------------------- plots
 
 
 def plot_accuracy(runs, variants, epochs: int, path: Path, title: str) -> None:
-    """Train (solid markers o) and test (markers x) accuracy per epoch, mean over seeds, as the seed notebook plots."""
+    """Test accuracy per epoch, mean over seeds with a band of one standard deviation (solid, markers x), and the
+    mean train accuracy (thin dashed, markers o)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(8, 5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    styles = ["-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1))]
     xs = list(range(1, epochs + 1))
     for i, variant in enumerate(variants):
         hists = [run["variants"][variant]["history"] for run in runs
                  if variant in run["variants"] and run["variants"][variant].get("history")]
-        if not hists:
-            continue
-        for key, marker, suffix in (("train_acc", "o", "train"), ("test_acc", "x", "test")):
+        for key in ("test_acc", "train_acc"):
             curves = [h[key] for h in hists if len(h[key]) == epochs]
             if not curves:
                 continue
-            mean = [sum(c[e] for c in curves) / len(curves) for e in range(epochs)]
-            ax.plot(xs, mean, label=f"{LABELS[variant]} {suffix}", marker=marker, color=f"C{i}",
-                    linestyle=styles[i % len(styles)], alpha=1.0 if suffix == "train" else 0.7)
+            stats = [mean_std([c[e] for c in curves]) for e in range(epochs)]
+            mean = [m for m, _ in stats]
+            if key == "test_acc":
+                ax.plot(xs, mean, label=f"{LABELS[variant]} test", marker="x", color=f"C{i}")
+                if len(curves) > 1:
+                    ax.fill_between(xs, [m - sd for m, sd in stats], [m + sd for m, sd in stats], color=f"C{i}",
+                                    alpha=0.15, linewidth=0)
+            else:
+                ax.plot(xs, mean, label=f"{LABELS[variant]} train", marker="o", markersize=3, color=f"C{i}",
+                        linestyle="--", linewidth=0.8, alpha=0.6)
     ax.set_xticks(xs)
     ax.set_xlabel("Epoch")
     ax.set_ylabel("Accuracy (%)")
-    ax.set_title(title)
+    seeds = len(runs)
+    ax.set_title(title + (f" (mean ± std over {seeds} seeds)" if seeds > 1 else ""))
     ax.grid(True)
     if ax.lines:
-        ax.legend(fontsize="small")
+        ax.legend(fontsize="small", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -209,8 +357,33 @@ def _log(ctx, *parts):
         print(*parts, flush=True)
 
 
-def run_seed(seed, args, cfg, device, ctx, out_dir: Path, teacher_ckpt):
-    """Trains the requested variants for one seed; returns {"seed", "variants": {name: result}}."""
+class _RunProgress:
+    """One bar over every training batch of the whole run (all seeds and variants): its remaining time is the run's."""
+
+    def __init__(self, args, ctx, trained_per_seed: int):
+        self.enabled = not args.quiet and (ctx is None or ctx.rank == 0)
+        self.models = len(args.seeds) * trained_per_seed
+        self.args, self.bar = args, None
+
+    def start(self, batches_per_epoch: int):
+        if self.enabled and self.bar is None and self.models:
+            from tqdm.auto import tqdm
+
+            interval = 0.5 if sys.stderr.isatty() else 30.0
+            total = self.models * self.args.epochs * batches_per_epoch
+            self.bar = tqdm(total=total, desc="run", unit="batch", dynamic_ncols=True, mininterval=interval,
+                            smoothing=0.05, position=0)
+        return self.bar
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_seed(seed, args, cfg, device, ctx, out_dir: Path, teacher_ckpt, progress: _RunProgress | None = None):
+    """Trains the requested variants for one seed; returns {"seed", "variants": {name: result}}. Every model's
+    training state is saved after each epoch in <out_dir>/seed<S>/state_<variant>.pt, and a model whose state file
+    exists continues from it (a finished one is not trained again)."""
     world = ctx.world_size if ctx else 1
     rank = ctx.rank if ctx else 0
     in_channels, num_classes = IN_CHANNELS[args.dataset], NUM_CLASSES[args.dataset]
@@ -222,6 +395,7 @@ def run_seed(seed, args, cfg, device, ctx, out_dir: Path, teacher_ckpt):
         download=not args.no_download, eval_batch_size=max(256, args.batch_size), num_replicas=world, rank=rank)
     if ctx is not None and rank == 0:
         torch.distributed.barrier()
+    run_bar = progress.start(batches_per_epoch(train_loader, cfg)) if progress is not None else None
 
     def reseed():
         torch.manual_seed(seed)
@@ -241,12 +415,14 @@ def run_seed(seed, args, cfg, device, ctx, out_dir: Path, teacher_ckpt):
             teacher = teacher.to(device)
             history = None
             train_acc, test_acc = evaluate(teacher, train_loader, device), evaluate(teacher, test_loader, device)
+            wall = time.perf_counter() - start
             _log(ctx, f"[seed {seed}] teacher from {teacher_ckpt}: train {train_acc:.2f}%  test {test_acc:.2f}%")
         else:
             reseed()
-            teacher, history = train_teacher(TeacherCNN(in_channels, num_classes), train_loader, cfg, test_loader)
+            teacher, history = train_teacher(TeacherCNN(in_channels, num_classes), train_loader, cfg, test_loader,
+                                             state_path=seed_dir / "state_teacher.pt", run_bar=run_bar)
             train_acc, test_acc = history["train_acc"][-1], history["test_acc"][-1]
-        wall = time.perf_counter() - start
+            wall = sum(history["wall_seconds"])
         results["teacher"] = _result(history, train_acc, test_acc, wall, {}, None)
         if teacher_ckpt is not None:
             results["teacher"]["checkpoint"] = str(teacher_ckpt)
@@ -260,10 +436,10 @@ def run_seed(seed, args, cfg, device, ctx, out_dir: Path, teacher_ckpt):
         weights = variant_weights(variant, args)
         reseed()
         student = StudentCNN(in_channels, num_classes)
-        start = time.perf_counter()
         out = train_student(student, teacher if weights.uses_teacher else None, train_loader, test_loader, cfg,
-                            weights, student_name=variant)
-        wall = time.perf_counter() - start
+                            weights, student_name=variant, state_path=seed_dir / f"state_{variant}.pt",
+                            run_bar=run_bar)
+        wall = sum(out["history"]["wall_seconds"])
         backends_used = loss_backends(weights, device.type)
         results[variant] = _result(out["history"], out["train_acc"], out["test_acc"], wall, backends_used, weights)
         if writer:
@@ -280,31 +456,42 @@ def run_seed(seed, args, cfg, device, ctx, out_dir: Path, teacher_ckpt):
             continue
         res["ts_gap"] = None if teacher_test is None else teacher_test - res["test_acc"]
         res["dist_gain"] = None if scratch_test is None or variant == "scratch" else res["test_acc"] - scratch_test
-    return {"seed": seed, "variants": results}
+    train_samples = len(train_loader.dataset)
+    return {"seed": seed, "train_samples": train_samples, "test_samples": len(test_loader.dataset),
+            "variants": results}
 
 
 def _result(history, train_acc, test_acc, wall, backends_used, weights):
     res = {"train_acc": train_acc, "test_acc": test_acc, "acc_gap": train_acc - test_acc, "ts_gap": None,
            "dist_gain": None, "wall_s": wall, "history": history, "loss_backends": backends_used}
     if history is not None:
-        epochs = len(history["epoch_seconds"])
-        res["train_s_per_epoch"] = sum(history["epoch_seconds"]) / epochs
-        res["s_per_epoch"] = (sum(history["epoch_seconds"]) + sum(history["eval_seconds"])) / epochs
+        epochs = len(history["step_seconds"])
+        res["train_s_per_epoch"] = sum(history["step_seconds"]) / epochs
+        res["s_per_epoch"] = sum(history["wall_seconds"]) / epochs
     if weights is not None:
         res["weights"] = {"kd": weights.kd, "dr": weights.dr, "ar": weights.ar, "qk": weights.qk,
                           "qk_backend": weights.qk_backend, "qk_n_modes": weights.qk_n_modes,
-                          "qk_n_photons": weights.qk_n_photons, "temperature": weights.temperature,
-                          "kd_alpha": weights.kd_alpha}
+                          "qk_n_photons": weights.qk_n_photons, "qk_detach_student": weights.qk_detach_student,
+                          "temperature": weights.temperature, "kd_alpha": weights.kd_alpha}
     return res
 
 
-def _report(args, summary, runs, table, env, wall) -> str:
+def _published(args):
+    """The published table, shown beside a run of its own setup (the paper preset's data, batch and epochs)."""
+    same_setup = args.subset == 0 and args.epochs == 10 and args.batch_size == 64 and args.max_batches is None
+    return PUBLISHED.get(args.dataset) if same_setup else None
+
+
+def _report(args, summary, runs, table, env, wall, session_wall) -> str:
+    samples = runs[0].get("train_samples")
     lines = [
         f"# qrkd compare: {args.dataset}",
         "",
-        f"subset {args.subset or 'all'}, batch {args.batch_size}, {args.epochs} epochs, lr {args.lr}, "
-        f"seeds {', '.join(map(str, args.seeds))}, device {env['device']}"
-        + (f" x {env['world_size']} processes" if env["world_size"] > 1 else "") + f"; total wall {wall:.1f} s.",
+        f"preset {args.preset}; {samples} training samples (subset {args.subset or 'all'}), batch {args.batch_size}, "
+        f"{args.epochs} epochs, lr {args.lr}, seeds {', '.join(map(str, args.seeds))}, device {env['device']}"
+        + (f" x {env['world_size']} processes" if env["world_size"] > 1 else "")
+        + f", {env['threads']} threads; training and evaluation {wall:.0f} s in all"
+        + (f" (this invocation {session_wall:.0f} s: the run was resumed)" if env.get("resumed") else "") + ".",
         "",
         table,
         "## Loss backends",
@@ -314,17 +501,23 @@ def _report(args, summary, runs, table, env, wall) -> str:
         if res.get("loss_backends"):
             used = ", ".join(f"{term}: {name}" for term, name in res["loss_backends"].items())
             lines.append(f"- {LABELS[variant]}: {used}")
-    lines += ["", "## Time per variant", "", "| Variant | train s/epoch | train+eval s/epoch | wall (s) |",
-              "|---|---:|---:|---:|"]
+    lines += ["", "## Time per variant", "",
+              "| Variant | steps s/epoch | epoch incl. loading and evaluation, s | wall (s) |", "|---|---:|---:|---:|"]
     for variant, cols in summary.items():
         lines.append(f"| {LABELS[variant]} | {_cell(cols['train_s_per_epoch'], 2)} | {_cell(cols['s_per_epoch'], 2)} "
                      f"| {_cell(cols['wall_s'], 1)} |")
+    lines += ["", "## Per seed (test accuracy, %)", "",
+              "| Variant | " + " | ".join(f"seed {run['seed']}" for run in runs) + " |",
+              "|---|" + "---:|" * len(runs)]
+    for variant in summary:
+        cells = [f"{run['variants'][variant]['test_acc']:.2f}" if variant in run["variants"] else "-" for run in runs]
+        lines.append(f"| {LABELS[variant]} | " + " | ".join(cells) + " |")
     lines += ["", "![accuracy](accuracy.png)", ""]
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return _run(args)
     except (DataNotFoundError, CheckpointError, NotImplementedError, ValueError) as exc:
@@ -337,13 +530,63 @@ def main(argv=None) -> int:
         return 2
 
 
+def _check_options(args) -> None:
+    """Every option that can be wrong is checked here, before any data is read or any model trained."""
+    if not args.seeds:
+        raise ValueError("--seeds needs at least one seed")
+    repeated = sorted({s for s in args.seeds if args.seeds.count(s) > 1})
+    if repeated:
+        raise ValueError(f"--seeds repeats {', '.join(map(str, repeated))}: each seed is one paired replicate")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr must be a finite number > 0, got {args.lr}")
+    if args.loss_backend != "auto":
+        status = backend_status()
+        if args.loss_backend not in status:
+            raise ValueError(f"--loss-backend must be 'auto' or one of {', '.join(status)}; got {args.loss_backend!r}")
+        ok, detail = status[args.loss_backend]
+        if not ok:
+            raise ValueError(f"--loss-backend {args.loss_backend!r} is not available here ({detail}); available: "
+                             f"{', '.join(n for n, (a, _) in status.items() if a)}")
+    relational = [v for v in args.variants if v in RELATIONAL]
+    if relational and args.batch_size < 2:
+        raise ValueError(f"--batch-size {args.batch_size} leaves the relational terms of {', '.join(relational)} "
+                         "nothing to relate (they are 0 for one sample): use a batch of at least 2")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {args.out!r} is a file, not a folder")
+
+
+def _prepare_run_dir(args, out_dir: Path, config: dict) -> bool:
+    """Refuses to mix with an earlier run unless --overwrite or --resume says what to do. Returns True when
+    resuming."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir} is a file, not a run folder")
+    earlier = out_dir.is_dir() and (any((out_dir / f).exists() for f in RUN_FILES) or any(out_dir.glob("seed*")))
+    if args.resume:
+        if not (out_dir / "run.json").is_file():
+            raise ValueError(f"--resume: {out_dir} holds no run to resume (no run.json)")
+        saved = json.loads((out_dir / "run.json").read_text())["config"]
+        differ = [k for k in TRAINING_OPTIONS if saved.get(k) != config.get(k)]
+        if differ:
+            raise ValueError("--resume: the options differ from the interrupted run's: " + "; ".join(
+                f"{k} was {saved.get(k)!r}, now {config.get(k)!r}" for k in differ))
+        return True
+    if earlier and not args.overwrite:
+        raise ValueError(f"{out_dir} already holds a run: pass --resume to continue it, --overwrite to replace it, "
+                         "or choose another --name")
+    if earlier:  # --overwrite: remove what an earlier run wrote, nothing else
+        for f in RUN_FILES:
+            (out_dir / f).unlink(missing_ok=True)
+        for d in out_dir.glob("seed*"):
+            if d.is_dir():
+                shutil.rmtree(d)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "run.json").write_text(json.dumps({"config": config}, indent=2))
+    return False
+
+
 def _run(args) -> int:
-    if args.subset < 0:
-        raise ValueError(f"--subset must be >= 0, got {args.subset}")
-    if not args.lr > 0:
-        raise ValueError(f"--lr must be > 0, got {args.lr}")
-    if args.threads < 0:
-        raise ValueError(f"--threads must be >= 0, got {args.threads}")
+    _check_options(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     args.data_root = Path(args.data_root) if args.data_root else default_data_root()
@@ -365,31 +608,52 @@ def _run(args) -> int:
             raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
         name = args.name or f"{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
         out_dir = Path(args.out) / name
+        config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        resumed = False
+        if ctx is None or ctx.rank == 0:
+            resumed = _prepare_run_dir(args, out_dir, config)
+        if ctx is not None:
+            flag = [resumed]
+            torch.distributed.broadcast_object_list(flag, src=0)
+            resumed = flag[0]
         cfg = TrainConfig(epochs=args.epochs, lr=args.lr, device=str(device), verbose=not args.quiet,
                           max_batches=args.max_batches)
         env = {"qrkd": __version__, "torch": torch.__version__, "python": platform.python_version(),
-               "device": str(device), "world_size": world, "threads": torch.get_num_threads()}
-        _log(ctx, f"qrkd compare: {args.dataset} (data root {args.data_root}), variants {', '.join(args.variants)}, "
-                  f"seeds {', '.join(map(str, args.seeds))}, device {device}" +
-                  (f" x {world} processes" if world > 1 else "") + f" -> {out_dir}")
+               "device": str(device), "world_size": world, "threads": torch.get_num_threads(), "resumed": resumed}
+        _log(ctx, f"qrkd compare: {args.dataset} (data root {args.data_root}), preset {args.preset}, variants "
+                  f"{', '.join(args.variants)}, seeds {', '.join(map(str, args.seeds))}, {args.epochs} epochs, "
+                  f"batch {args.batch_size}, device {device}" + (f" x {world} processes" if world > 1 else "")
+                  + f" -> {out_dir}" + (" (resuming)" if resumed else ""))
+        trained = sum(1 for v in args.variants if v != "teacher") + (teacher_ckpt is None and (
+            "teacher" in args.variants or any(variant_weights(v, args).uses_teacher for v in args.variants
+                                              if v != "teacher")))
+        progress = _RunProgress(args, ctx, trained)
         start = time.perf_counter()
-        runs = [run_seed(seed, args, cfg, device, ctx, out_dir, teacher_ckpt) for seed in args.seeds]
-        wall = time.perf_counter() - start
+        try:
+            runs = [run_seed(seed, args, cfg, device, ctx, out_dir, teacher_ckpt, progress) for seed in args.seeds]
+        finally:
+            progress.close()
+        session_wall = time.perf_counter() - start
         if ctx is not None and ctx.rank != 0:
             return 0
+        for run in runs:
+            if args.subset and run["train_samples"] < args.subset:
+                _log(ctx, f"note: --subset {args.subset} exceeds the {run['train_samples']} training samples of "
+                          f"{args.dataset}: seed {run['seed']} used all {run['train_samples']}")
+        wall = sum(res["wall_s"] for run in runs for res in run["variants"].values())
         shown = [v for v in VARIANTS if any(v in run["variants"] for run in runs)]  # + a teacher the students needed
         summary = summarise(runs, shown)
-        table = format_table(summary, len(args.seeds))
-        out_dir.mkdir(parents=True, exist_ok=True)
-        config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-        results = {"config": config, "environment": env, "wall_s": wall, "summary": summary, "runs": runs}
+        table = format_table(summary, len(args.seeds), _published(args))
+        results = {"config": config, "environment": env, "wall_s": wall, "session_wall_s": session_wall,
+                   "summary": summary, "runs": runs}
         (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-        title = f"KD vs RKD vs QRKD on {args.dataset.upper()}" + (f" ({args.subset} subset)" if args.subset else "")
+        title = f"{args.dataset.upper()}: test accuracy per epoch" + (f" ({args.subset} subset)" if args.subset else "")
         plot_accuracy(runs, shown, args.epochs, out_dir / "accuracy.png", title)
-        (out_dir / "report.md").write_text(_report(args, summary, runs, table, env, wall))
+        (out_dir / "report.md").write_text(_report(args, summary, runs, table, env, wall, session_wall))
         print()
         print(table)
-        print(f"wrote {out_dir}/results.json, report.md, accuracy.png and checkpoints (total {wall:.1f} s)")
+        print(f"wrote {out_dir}/results.json, report.md, accuracy.png and checkpoints (training and evaluation "
+              f"{wall:.1f} s; this invocation {session_wall:.1f} s)")
         return 0
     finally:
         if ctx is not None:

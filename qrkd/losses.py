@@ -70,7 +70,8 @@ class DistillationLoss(nn.Module):
     qk_backend="simple" is the classical fidelity kernel of the normalised features; "merlin" is the photonic kernel
     of MerLin's FidelityKernel.simple (m = qk_n_modes, n = qk_n_photons), computed exactly and with gradient.
     forward(logits_s, logits_t, feat_s, feat_t) returns the weighted sum as a scalar; `last_terms` keeps the
-    unweighted terms of the last call (detached) for logging.
+    unweighted terms of the last call (detached) for logging. qk_detach_student=True computes the kernel term on
+    detached student features, as the QRKD research code does: the term then sends no gradient.
     """
 
     def __init__(
@@ -89,6 +90,7 @@ class DistillationLoss(nn.Module):
         zero_diagonal: bool = False,
         qk_seed: int = 0,
         qk_from_merlin: bool = False,
+        qk_detach_student: bool = False,
     ):
         super().__init__()
         for name, value in (("kd", kd), ("dr", dr), ("ar", ar), ("qk", qk)):
@@ -102,6 +104,9 @@ class DistillationLoss(nn.Module):
         self.qk_backend, self.qk_n_modes, self.qk_n_photons = qk_backend, qk_n_modes, qk_n_photons
         self.temperature, self.kd_alpha, self.backend = temperature, kd_alpha, backend
         self.zero_diagonal, self.qk_seed, self.qk_from_merlin = zero_diagonal, qk_seed, qk_from_merlin
+        if not isinstance(qk_detach_student, bool):
+            raise TypeError(f"qk_detach_student must be a bool, got {type(qk_detach_student).__name__}")
+        self.qk_detach_student = qk_detach_student
         self.kernels = nn.ModuleDict()  # photonic kernels, one per feature width, built on first use
         self.last_terms: dict = {}
 
@@ -151,7 +156,8 @@ class DistillationLoss(nn.Module):
             terms["rkd_angle"] = (self.ar, Fq.rkd_angle_loss(feat_s, feat_t, backend=self.backend))
         if self.qk > 0:
             kernel = self._kernel(min(feat_s.shape[-1], feat_t.shape[-1]), feat_s.device)
-            terms["qk"] = (self.qk, Fq.fidelity_kernel_loss(feat_s, feat_t, kernel=kernel, backend=self.backend))
+            feat_qk = feat_s.detach() if self.qk_detach_student else feat_s
+            terms["qk"] = (self.qk, Fq.fidelity_kernel_loss(feat_qk, feat_t, kernel=kernel, backend=self.backend))
         self.last_terms = {name: loss.detach() for name, (_, loss) in terms.items()}
         if not terms:
             return feat_s.new_zeros(())

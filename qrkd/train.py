@@ -32,6 +32,9 @@ from . import functional as Fq
 from .losses import DistillationLoss
 
 HISTORY_KEYS = ("loss", "task", "distill", "train_acc", "test_acc")
+# per epoch: the optimisation steps alone (forward, losses, backward, optimizer), the whole epoch's training loop
+# (steps + loading batches), the accuracy evaluation, and all of the epoch
+TIME_KEYS = ("step_seconds", "epoch_seconds", "eval_seconds", "wall_seconds")
 
 
 @dataclass
@@ -202,7 +205,8 @@ def step_losses(weights: DistillationLoss, logits_s, labels, feat_s, logits_t=No
                 distill = distill + weights.ar * ctx.world_size * share
             if weights.qk > 0:
                 kernel = weights._kernel(min(s_all.shape[1], t_all.shape[1]), s_all.device)
-                distill = distill + weights.qk * Fq.fidelity_kernel_loss(s_all, t_all, kernel=kernel,
+                s_qk = s_all.detach() if weights.qk_detach_student else s_all
+                distill = distill + weights.qk * Fq.fidelity_kernel_loss(s_qk, t_all, kernel=kernel,
                                                                          backend=weights.backend)
     return task + distill, task, distill
 
@@ -254,12 +258,69 @@ def _progress(loader, cfg: TrainConfig, desc: str, ctx):
     total = len(loader) if cfg.max_batches is None else min(len(loader), cfg.max_batches)
     if not cfg.verbose or (ctx is not None and ctx.rank != 0):
         return None
+    import sys
+
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="batch", leave=True, dynamic_ncols=True)
+    # a log file (a background run) gets a line every few seconds instead of ten redraws per second
+    interval = 0.1 if sys.stderr.isatty() else 5.0
+    return tqdm(total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True, mininterval=interval)
 
 
-def _fit(model, teacher, weights, train_loader, test_loader, cfg: TrainConfig, name: str):
+def batches_per_epoch(loader, cfg: TrainConfig) -> int:
+    return len(loader) if cfg.max_batches is None else min(len(loader), cfg.max_batches)
+
+
+STATE_FORMAT = "qrkd-train-state"
+
+
+def _save_state(path, model, optimizer, history, epoch, train_loader) -> None:
+    """Everything that makes a resumed fit continue exactly as an uninterrupted one: weights, optimizer moments,
+    history, and the RNG states that decide the next epoch's batches. Written atomically."""
+    generator = getattr(train_loader, "generator", None)
+    state = {
+        "format": STATE_FORMAT,
+        "epoch": epoch,
+        "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "history": history,
+        "torch_rng": torch.get_rng_state(),
+        "loader_rng": generator.get_state() if generator is not None else None,
+    }
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load_state(path, model, optimizer, history, train_loader, epochs: int) -> int:
+    """Restores a state written by _save_state into the fresh model/optimizer/history; returns the epochs done."""
+    from .models import CheckpointError
+
+    try:
+        state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"training state {os.fspath(path)!r} is unreadable ({type(exc).__name__}); delete it "
+                              "to restart that model from scratch") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{os.fspath(path)!r} is not a qrkd training state")
+    if not 0 <= state["epoch"] <= epochs:
+        raise CheckpointError(f"training state {os.fspath(path)!r} is at epoch {state['epoch']}, beyond the {epochs} "
+                              "epochs asked for")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    for key in history:
+        history[key] = list(state["history"].get(key, []))
+    torch.set_rng_state(state["torch_rng"])
+    generator = getattr(train_loader, "generator", None)
+    if generator is not None and state["loader_rng"] is not None:
+        generator.set_state(state["loader_rng"])
+    return state["epoch"]
+
+
+def _fit(model, teacher, weights, train_loader, test_loader, cfg: TrainConfig, name: str, state_path=None,
+         run_bar=None):
     device = cfg.torch_device()
     ctx = dist_context()
     model = model.to(device)
@@ -274,20 +335,26 @@ def _fit(model, teacher, weights, train_loader, test_loader, cfg: TrainConfig, n
 
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    history = {key: [] for key in HISTORY_KEYS}
-    history["epoch_seconds"], history["eval_seconds"] = [], []
+    history = {key: [] for key in HISTORY_KEYS + TIME_KEYS}
+    first_epoch = 0
+    if state_path is not None and os.path.exists(state_path):
+        first_epoch = _load_state(state_path, model, optimizer, history, train_loader, cfg.epochs)
+        if run_bar is not None:
+            run_bar.update(first_epoch * batches_per_epoch(train_loader, cfg))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *_: None)
 
-    for epoch in range(cfg.epochs):
+    for epoch in range(first_epoch, cfg.epochs):
+        epoch_start = time.perf_counter()
         if hasattr(train_loader.sampler, "set_epoch"):
             train_loader.sampler.set_epoch(epoch)
         net.train()
         bar = _progress(train_loader, cfg, f"{name} {epoch + 1}/{cfg.epochs}", ctx)
         sums = torch.zeros(3, dtype=torch.float64, device=device)
-        batches = 0
-        start = time.perf_counter()
+        batches, step_seconds = 0, 0.0
         for inputs, labels in train_loader:
             if cfg.max_batches is not None and batches >= cfg.max_batches:
                 break
+            step_start = time.perf_counter()  # the step alone: not the loader, not the bars
             inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             logits_s, feat_s = net(inputs)
             logits_t = feat_t = None
@@ -299,14 +366,18 @@ def _fit(model, teacher, weights, train_loader, test_loader, cfg: TrainConfig, n
             loss.backward()
             optimizer.step()
             sums += torch.stack([loss.detach(), task.detach(), distill.detach()]).to(sums.dtype)
+            sync(device)
+            step_seconds += time.perf_counter() - step_start
             batches += 1
             if bar is not None:
                 bar.update(1)
                 if batches % 10 == 0:
                     bar.set_postfix(loss=f"{sums[0].item() / batches:.4f}")
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        history["epoch_seconds"].append(time.perf_counter() - start)
+            if run_bar is not None:
+                run_bar.update(1)
+        sync(device)
+        history["epoch_seconds"].append(time.perf_counter() - epoch_start)
+        history["step_seconds"].append(step_seconds)
         means = _all_reduce_mean(sums / max(batches, 1), ctx).tolist()
         for key, value in zip(("loss", "task", "distill"), means):
             history[key].append(value)
@@ -317,11 +388,15 @@ def _fit(model, teacher, weights, train_loader, test_loader, cfg: TrainConfig, n
             history["test_acc"].append(evaluate(model, test_loader, device, ctx))
         history["eval_seconds"].append(time.perf_counter() - start)
         if bar is not None:
-            post = {"loss": f"{means[0]:.4f}", "train": f"{history['train_acc'][-1]:.2f}%"}
+            bar.close()
+        if run_bar is not None:
+            post = {"last": name, "loss": f"{means[0]:.4f}", "train": f"{history['train_acc'][-1]:.2f}%"}
             if history["test_acc"]:
                 post["test"] = f"{history['test_acc'][-1]:.2f}%"
-            bar.set_postfix(post)
-            bar.close()
+            run_bar.set_postfix(post)
+        history["wall_seconds"].append(time.perf_counter() - epoch_start)
+        if state_path is not None and (ctx is None or ctx.rank == 0):
+            _save_state(state_path, model, optimizer, history, epoch + 1, train_loader)
     return model, history
 
 
@@ -335,18 +410,24 @@ def _check_config(cfg):
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
 
 
-def train_teacher(model: nn.Module, train_loader, cfg: TrainConfig, test_loader=None):
+def train_teacher(model: nn.Module, train_loader, cfg: TrainConfig, test_loader=None, *, state_path=None,
+                  run_bar=None):
     """Trains `model` with cross-entropy. Returns (model, history); history has the keys of HISTORY_KEYS (distill is
-    0; test_acc is empty without a test_loader) plus epoch_seconds and eval_seconds."""
+    0; test_acc is empty without a test_loader) plus the per-epoch times of TIME_KEYS.
+
+    state_path: a file written after every epoch (weights, optimizer, history, RNG states); when it exists at the
+    start, training continues from it and ends with the numbers an uninterrupted run would have had. run_bar: a
+    tqdm bar over a whole run, advanced by one per training batch."""
     _check_model("model", model)
     _check_config(cfg)
-    return _fit(model, None, None, train_loader, test_loader, cfg, "teacher")
+    return _fit(model, None, None, train_loader, test_loader, cfg, "teacher", state_path, run_bar)
 
 
 def train_student(student: nn.Module, teacher, train_loader, test_loader, cfg: TrainConfig, weights,
-                  student_name: str | None = None) -> dict:
+                  student_name: str | None = None, *, state_path=None, run_bar=None) -> dict:
     """Trains `student` with cross-entropy + weights(logits_s, logits_t, feat_s, feat_t) against a frozen teacher
-    (None: cross-entropy alone, e.g. the scratch student). Returns {"test_acc", "train_acc", "history", "model"}."""
+    (None: cross-entropy alone, e.g. the scratch student). Returns {"test_acc", "train_acc", "history", "model"}.
+    state_path and run_bar as in train_teacher."""
     _check_model("student", student)
     _check_config(cfg)
     if weights is None:
@@ -360,7 +441,7 @@ def train_student(student: nn.Module, teacher, train_loader, test_loader, cfg: T
     if test_loader is None:
         raise ValueError("train_student needs a test_loader")
     model, history = _fit(student, teacher if weights.uses_teacher else None, weights, train_loader, test_loader,
-                          cfg, student_name or "student")
+                          cfg, student_name or "student", state_path, run_bar)
     return {"test_acc": history["test_acc"][-1], "train_acc": history["train_acc"][-1], "history": history,
             "model": model}
 
@@ -388,7 +469,8 @@ def loss_backends(weights: DistillationLoss, device_type: str = "cpu", dtype=tor
             out["fidelity_kernel(simple)"] = pick("fidelity_kernel_loss")
         else:
             complex_dtype = torch.complex128 if dtype == torch.float64 else torch.complex64
-            out[f"fidelity_kernel(merlin m={weights.qk_n_modes} n={weights.qk_n_photons})"] = pick(
+            detached = ", student detached" if weights.qk_detach_student else ""
+            out[f"fidelity_kernel(merlin m={weights.qk_n_modes} n={weights.qk_n_photons}{detached})"] = pick(
                 "photonic_fidelity", complex_dtype)
     return out
 
