@@ -1168,6 +1168,51 @@ def _csv(text, convert=str) -> list:
     return [convert(x) for x in text.split(",") if x.strip()] if text else []
 
 
+def _positive(convert):
+    """An argparse type: a finite number > 0 (argparse turns the ValueError into a usage error naming the option)."""
+    def parse(text):
+        value = convert(text)
+        if not math.isfinite(value) or value <= 0:
+            raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+        return value
+    parse.__name__ = f"positive {convert.__name__}"
+    return parse
+
+
+def _non_negative(convert):
+    def parse(text):
+        value = convert(text)
+        if not math.isfinite(value) or value < 0:
+            raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
+        return value
+    parse.__name__ = f"non-negative {convert.__name__}"
+    return parse
+
+
+def _fail(message: str) -> int:
+    print(f"qrkd bench: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _read_results(path: str):
+    """The results file behind --report, or the one-line reason it cannot be used."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return None, f"--report {path}: no such file"
+    except IsADirectoryError:
+        return None, f"--report {path}: is a folder, not a results file"
+    except OSError as exc:
+        return None, f"--report {path}: cannot be read ({exc.strerror or exc})"
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None, f"--report {path}: not a JSON results file of qrkd bench (not valid UTF-8 JSON)"
+    if not isinstance(data, dict) or not isinstance(data.get("results"), list) or \
+            not all(k in data for k in ("machine", "versions", "config", "backends")):
+        return None, f"--report {path}: not a results file of qrkd bench (schema {SCHEMA})"
+    return data, None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="qrkd bench",
@@ -1187,13 +1232,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude-impls", default="", help="comma-separated impls to leave out")
     p.add_argument("--compiled", choices=("auto", "all", "none"), default="auto",
                    help="where torch.compile(reference) runs: auto = named shapes and one feature width")
-    p.add_argument("--merlin-max-n", type=int, help="largest N MerLin is run at (default 128; --quick 16)")
-    p.add_argument("--case-timeout", type=float, help="seconds per measurement (default 60, four times that at the "
-                   "named shapes; --quick 30)")
-    p.add_argument("--mem-limit-gb", type=float, help="address space per child above its imports, CPU "
-                   "(default 75%% of the memory available at the start)")
-    p.add_argument("--max-minutes", type=float, help="after this long only the named shapes still run, the rest "
-                   "is recorded as skipped (default 20; --quick 2.75; 0 = no limit)")
+    p.add_argument("--merlin-max-n", type=_non_negative(int),
+                   help="largest N MerLin is run at (default 128; --quick 16)")
+    p.add_argument("--case-timeout", type=_positive(float), help="seconds per measurement, > 0 (default 60, four "
+                   "times that at the named shapes; --quick 30)")
+    p.add_argument("--mem-limit-gb", type=_positive(float), help="address space per child above its imports, CPU, "
+                   "> 0 (default 75%% of the memory available at the start)")
+    p.add_argument("--max-minutes", type=_non_negative(float), help="after this long only the named shapes still "
+                   "run, the rest is recorded as skipped (default 20; --quick 2.75; 0 = no limit)")
     p.add_argument("--out", default=os.path.join("bench", "results"), help="output folder (default bench/results)")
     p.add_argument("--machine", help="machine name in the file names (default from the CPU or GPU model)")
     p.add_argument("--no-plots", action="store_true")
@@ -1205,8 +1251,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.report:
-        with open(args.report) as f:
-            data = json.load(f)
+        data, problem = _read_results(args.report)
+        if problem:
+            return _fail(problem)
         stem = args.report[:-5] if args.report.endswith(".json") else args.report
         for path in write_report(data, stem, plots=not args.no_plots):
             print(path)
@@ -1236,6 +1283,8 @@ def main(argv=None) -> int:
     if any(x < 1 for x in ns + ds):
         print("qrkd bench: --n and --d must be >= 1", file=sys.stderr)
         return 2
+    if not args.list and os.path.exists(args.out) and not os.path.isdir(args.out):
+        return _fail(f"--out {args.out}: is a file, not a folder")
     profile = dict(PROFILES["quick" if args.quick else "full"])
     timeout = args.case_timeout if args.case_timeout else profile["case_timeout"]
     merlin_max_n = args.merlin_max_n if args.merlin_max_n is not None else profile["merlin_max_n"]
@@ -1267,7 +1316,10 @@ def main(argv=None) -> int:
     info["name"] = args.machine or machine_name(info)
     started = datetime.datetime.now(datetime.timezone.utc)
     stem_name = f"{info['name']}-{started:%Y-%m-%d}" + ("-quick" if args.quick else "")
-    os.makedirs(args.out, exist_ok=True)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as exc:
+        return _fail(f"--out {args.out}: cannot create the folder ({exc.strerror or exc})")
     stem = os.path.join(args.out, stem_name)
     data = {
         "schema": SCHEMA,

@@ -18,6 +18,16 @@ def cmd_info(args) -> int:
     print("backends:")
     for name, (ok, detail) in backends.backend_status().items():
         print(f"  {name:<10} {'yes' if ok else 'no ':<4} {detail}")
+    chosen = backends.env_backend()
+    if chosen and chosen != "auto":
+        if chosen not in backends.backend_status():
+            print(f"QRKD_BACKEND is set to an unknown value {chosen!r}: every loss call with backend='auto' raises "
+                  f"ValueError; use 'auto' or one of {list(backends.backend_status())}")
+        elif not backends.backend_status()[chosen][0]:
+            print(f"QRKD_BACKEND={chosen} replaces 'auto', but that backend is not available: loss calls with "
+                  "backend='auto' raise ValueError")
+        else:
+            print(f"QRKD_BACKEND={chosen} replaces 'auto' (the picks below are what 'auto' would choose without it)")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     print("auto picks:")
     for device in devices:

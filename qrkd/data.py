@@ -3,12 +3,16 @@
 The data root is `root` when given, else $QRKD_DATA_ROOT, else ./data. torchvision's layouts apply: MNIST reads
 <root>/MNIST/raw (the four IDX files, extracted), CIFAR-10 reads <root>/cifar-10-batches-py (the pickled
 batches). Where the files are missing and downloading fails (or is off), DataNotFoundError says where the files were
-looked for and how to provide them.
+looked for and how to provide them. A file that is there but corrupt (an MNIST IDX file that is empty, truncated,
+not in the IDX format, or whose label count disagrees with its image file) is a DataCorruptError naming the file and
+what is wrong with it, before torchvision reads it.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import struct
 from pathlib import Path
 
 import torch
@@ -27,6 +31,11 @@ NUM_CLASSES = {"mnist": 10, "cifar10": 10}
 
 class DataNotFoundError(RuntimeError):
     """The dataset's files are not under the data root and could not be downloaded."""
+
+
+class DataCorruptError(DataNotFoundError):
+    """A dataset file is present but unusable (empty, truncated, wrong format or inconsistent); the message names the
+    file and the cause."""
 
 
 def default_data_root() -> Path:
@@ -78,6 +87,61 @@ def _not_found(name: str, root: Path, reason: str) -> DataNotFoundError:
     )
 
 
+_MNIST_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def _corrupt(path: Path, cause: str) -> DataCorruptError:
+    return DataCorruptError(
+        f"mnist file {path.resolve()} is corrupt: {cause}. Replace it with the original file (extracted from its "
+        ".gz, md5-verified), or delete it to let torchvision download it again."
+    )
+
+
+def _idx_dims(path: Path, ndim: int, what: str) -> tuple:
+    """The dimensions of an IDX file of unsigned bytes with `ndim` dimensions, after checking that the file holds
+    exactly the header and the data the header announces."""
+    size = path.stat().st_size
+    header = 4 + 4 * ndim
+    if size == 0:
+        raise _corrupt(path, "the file is empty (0 bytes)")
+    with open(path, "rb") as f:
+        head = f.read(header)
+    if len(head) < 4:
+        raise _corrupt(path, f"the file is truncated: {size} bytes, shorter than an IDX magic number")
+    magic = struct.unpack(">I", head[:4])[0]
+    if magic != 0x800 + ndim:
+        raise _corrupt(path, f"not an MNIST {what} file: its IDX magic number is 0x{magic:08x}, expected "
+                             f"0x{0x800 + ndim:08x} ({ndim}-D, unsigned bytes)")
+    if len(head) < header:
+        raise _corrupt(path, f"the file is truncated: {size} bytes, shorter than its {header}-byte IDX header")
+    dims = struct.unpack(">" + "I" * ndim, head[4:])
+    expected = header + math.prod(dims)
+    if size != expected:
+        state = "truncated" if size < expected else "longer than its header says"
+        raise _corrupt(path, f"the file is {state}: its header announces {' x '.join(map(str, dims))} bytes of "
+                             f"{what} ({expected} bytes with the header), the file has {size} bytes")
+    if dims[0] == 0:
+        raise _corrupt(path, f"the file holds no {what}")
+    return dims
+
+
+def _check_mnist_files(root: Path, train: bool) -> None:
+    """Checks the IDX files of the split that torchvision is about to read, where both are present."""
+    folder = root / "MNIST" / "raw"
+    images_path, labels_path = (folder / f for f in _MNIST_FILES[train])
+    if not (images_path.is_file() and labels_path.is_file()):
+        return  # missing files are torchvision's "not found" (then a download, or DataNotFoundError)
+    n_images = _idx_dims(images_path, 3, "images")[0]
+    n_labels = _idx_dims(labels_path, 1, "labels")[0]
+    if n_labels != n_images:
+        raise _corrupt(labels_path, f"it holds {n_labels} labels but {images_path.name} holds {n_images} images")
+    with open(labels_path, "rb") as f:
+        top = max(f.read()[8:])
+    if top >= NUM_CLASSES["mnist"]:
+        raise _corrupt(labels_path, f"it holds the label {top}, MNIST labels are 0..{NUM_CLASSES['mnist'] - 1}")
+
+
 def transform(name: str):
     from torchvision import transforms
 
@@ -92,6 +156,8 @@ def load_dataset(name: str, root=None, train: bool = True, download: bool = True
     name = _check_name(name)
     root = Path(root) if root is not None else default_data_root()
     cls = datasets.MNIST if name == "mnist" else _cifar10_class()
+    if name == "mnist":
+        _check_mnist_files(root, train)
     try:
         return cls(str(root), train=train, download=False, transform=transform(name))
     except RuntimeError as exc:

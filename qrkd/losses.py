@@ -2,18 +2,63 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+import re
 import warnings
 
+import numpy as np
 import torch
 from torch import nn
 
 from . import functional as Fq
 
 
+def _number(name: str, value) -> float:
+    """A finite real number as a float. Python and numpy numbers are accepted alike; bools and tensors are refused
+    (a 0-d tensor would be read once and detached: pass `t.item()` for a fixed weight)."""
+    if isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a Python or numpy number, got a torch.Tensor (pass {name}=t.item())")
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def _check_kd_arguments(temperature, alpha, alpha_name: str) -> tuple:
+    temperature, alpha = _number("temperature", temperature), _number(alpha_name, alpha)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"{alpha_name} must be in [0, 1], got {alpha}")
+    return temperature, alpha
+
+
+def _flag(name: str, value) -> bool:
+    """A bool (numpy's np.bool_ too); 0/1 and strings are refused."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+
+
+def _optional_int(name: str, value, minimum: int):
+    if value is None:
+        return None
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or None, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
 class KDLoss(nn.Module):
+    """Hinton's KD loss; temperature a finite number > 0, alpha in [0, 1]."""
+
     def __init__(self, temperature: float = 4.0, alpha: float = 0.5):
         super().__init__()
-        self.temperature, self.alpha = temperature, alpha
+        self.temperature, self.alpha = _check_kd_arguments(temperature, alpha, "alpha")
 
     def forward(self, student_logits, teacher_logits):
         return Fq.kd_loss(student_logits, teacher_logits, self.temperature, self.alpha)
@@ -25,7 +70,7 @@ class KDLoss(nn.Module):
 class RKDDistanceLoss(nn.Module):
     def __init__(self, *, zero_diagonal: bool = False, backend: str = "auto"):
         super().__init__()
-        self.zero_diagonal, self.backend = zero_diagonal, backend
+        self.zero_diagonal, self.backend = _flag("zero_diagonal", zero_diagonal), backend
 
     def forward(self, student, teacher):
         return Fq.rkd_distance_loss(student, teacher, zero_diagonal=self.zero_diagonal, backend=self.backend)
@@ -72,6 +117,14 @@ class DistillationLoss(nn.Module):
     forward(logits_s, logits_t, feat_s, feat_t) returns the weighted sum as a scalar; `last_terms` keeps the
     unweighted terms of the last call (detached) for logging. qk_detach_student=True computes the kernel term on
     detached student features, as the QRKD research code does: the term then sends no gradient.
+
+    Weights are finite numbers >= 0, temperature a finite number > 0, kd_alpha in [0, 1], zero_diagonal a bool;
+    numpy scalars are taken as the Python numbers they hold, torch tensors are refused (pass `t.item()`).
+
+    Persistence: the photonic kernels (one per feature width, built on first use) are submodules, so their
+    interferometers are in the state_dict as `kernels.<width>.*`; a fresh DistillationLoss with the same arguments
+    builds the kernels a state_dict names before loading them, so `load_state_dict` (strict or not) restores the
+    exact loss. The module pickles (and `torch.save`s) whole.
     """
 
     def __init__(
@@ -93,20 +146,24 @@ class DistillationLoss(nn.Module):
         qk_detach_student: bool = False,
     ):
         super().__init__()
+        weights = {}
         for name, value in (("kd", kd), ("dr", dr), ("ar", ar), ("qk", qk)):
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-            if value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
-        if qk_backend not in _QK_BACKENDS:
+            weights[name] = _number(name, value)
+            if weights[name] < 0:
+                raise ValueError(f"{name} must be >= 0, got {weights[name]}")
+        if not isinstance(qk_backend, str) or qk_backend not in _QK_BACKENDS:
             raise ValueError(f"qk_backend must be one of {_QK_BACKENDS}, got {qk_backend!r}")
-        self.kd, self.dr, self.ar, self.qk = float(kd), float(dr), float(ar), float(qk)
+        temperature, kd_alpha = _check_kd_arguments(temperature, kd_alpha, "kd_alpha")
+        qk_n_modes = _optional_int("qk_n_modes", qk_n_modes, 1)
+        qk_n_photons = _optional_int("qk_n_photons", qk_n_photons, 1)
+        if not isinstance(qk_seed, numbers.Integral) or isinstance(qk_seed, bool):
+            raise TypeError(f"qk_seed must be an int, got {type(qk_seed).__name__}")
+        self.kd, self.dr, self.ar, self.qk = weights["kd"], weights["dr"], weights["ar"], weights["qk"]
         self.qk_backend, self.qk_n_modes, self.qk_n_photons = qk_backend, qk_n_modes, qk_n_photons
         self.temperature, self.kd_alpha, self.backend = temperature, kd_alpha, backend
-        self.zero_diagonal, self.qk_seed, self.qk_from_merlin = zero_diagonal, qk_seed, qk_from_merlin
-        if not isinstance(qk_detach_student, bool):
-            raise TypeError(f"qk_detach_student must be a bool, got {type(qk_detach_student).__name__}")
-        self.qk_detach_student = qk_detach_student
+        self.zero_diagonal, self.qk_seed = _flag("zero_diagonal", zero_diagonal), int(qk_seed)
+        self.qk_from_merlin = _flag("qk_from_merlin", qk_from_merlin)
+        self.qk_detach_student = _flag("qk_detach_student", qk_detach_student)
         self.kernels = nn.ModuleDict()  # photonic kernels, one per feature width, built on first use
         self.last_terms: dict = {}
 
@@ -121,6 +178,31 @@ class DistillationLoss(nn.Module):
         if key not in self.kernels:
             self.kernels[key] = self._build_photonic_kernel(width).to(device)
         return self.kernels[key]
+
+    _KERNEL_KEY = re.compile(r"kernels\.([0-9]+)\.")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # the kernels are built lazily: build the ones the state_dict names (before PyTorch recurses into the
+        # submodules), so that their interferometers are loaded rather than reported unexpected or dropped
+        if self.qk_backend == "merlin":
+            device = next((k.unitary.device for k in self.kernels.values()), torch.device("cpu"))
+            widths = {m.group(1) for m in (self._KERNEL_KEY.match(k[len(prefix):]) for k in state_dict
+                                           if k.startswith(prefix)) if m}
+            for width in sorted(widths - set(self.kernels)):
+                unitary = state_dict.get(f"{prefix}kernels.{width}.unitary")
+                modes = self.qk_n_modes or int(width) + 1
+                if width != str(int(width)) or int(width) < 1 or not isinstance(unitary, torch.Tensor) or \
+                        tuple(unitary.shape) != (modes, modes):
+                    error_msgs.append(f"{prefix}kernels.{width} does not fit this DistillationLoss (a kernel for "
+                                      f"width {int(width)} has a {modes} x {modes} unitary)")
+                    continue
+                try:
+                    self.kernels[width] = self._build_photonic_kernel(int(width)).to(device)
+                except (TypeError, ValueError) as exc:
+                    error_msgs.append(f"{prefix}kernels.{width} cannot be built by this DistillationLoss: {exc}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def _build_photonic_kernel(self, width: int):
         """The photonic kernel for features of this width: seeded by qk_seed (per width, so runs are reproducible),

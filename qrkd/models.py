@@ -8,6 +8,8 @@ Both share one shape: conv1 (3x3) -> ReLU -> conv2 (3x3) -> ReLU -> max-pool 2 -
 from __future__ import annotations
 
 import os
+import re
+import zipfile
 
 import torch
 from torch import nn
@@ -101,6 +103,26 @@ def save_checkpoint(model: SmallCNN, path, **meta) -> None:
     os.replace(tmp, path)  # never leaves a half-written checkpoint under the real name
 
 
+def _unreadable_cause(path: str, exc: Exception) -> str:
+    """Why torch.load(weights_only=True) could not read `path`, in qrkd's words. torch's own message advises retrying
+    with weights_only=False, which runs arbitrary code from the file: it is never passed on."""
+    message = str(exc)
+    if os.path.getsize(path) == 0:
+        return "the file is empty (0 bytes)"
+    unsupported = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
+    if unsupported:
+        return (f"it holds a Python object ({unsupported.group(1)}) that no qrkd checkpoint contains; qrkd reads "
+                "checkpoints without running code from them, write them with qrkd.models.save_checkpoint")
+    with open(path, "rb") as f:
+        start = f.read(4)
+    if start.startswith(b"PK") and not zipfile.is_zipfile(path):
+        return "the file is a truncated or damaged torch archive (corrupt, or not written completely)"
+    first = message.splitlines()[0] if message else ""
+    if first and "weights_only" not in message and "weights only" not in message.lower():
+        return f"the file is corrupt, truncated or not a torch file ({type(exc).__name__}: {first})"
+    return "the file is corrupt, truncated or not a torch file"
+
+
 def load_checkpoint(path, arch: str | None = None, in_channels: int | None = None, num_classes: int | None = None,
                     map_location="cpu"):
     """Loads a checkpoint written by save_checkpoint (with weights_only=True: no code is unpickled).
@@ -114,8 +136,8 @@ def load_checkpoint(path, arch: str | None = None, in_channels: int | None = Non
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for truncated zips, pickles and foreign objects
-        raise CheckpointError(f"checkpoint {path!r} is not a readable qrkd checkpoint: {type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+        cause = _unreadable_cause(path, exc)
+        raise CheckpointError(f"checkpoint {path!r} is not a readable qrkd checkpoint: {cause}") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"checkpoint {path!r} is not a qrkd checkpoint (no '{CHECKPOINT_FORMAT}' header); "
                               "write checkpoints with qrkd.models.save_checkpoint")

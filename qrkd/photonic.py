@@ -13,6 +13,7 @@ s and builds the per-sample matrices P.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 
 import torch
@@ -34,7 +35,13 @@ def haar_unitary(m: int, generator: torch.Generator | None = None) -> torch.Tens
 
 
 def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    """Python and numpy integers (np.int64 from a config or an array), never bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    """Python and numpy real numbers, never bool; tensors are refused (a 0-d tensor would be read once, detached)."""
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, torch.Tensor))
 
 
 def default_input_state(n_modes: int, n_photons: int | None = None) -> list:
@@ -49,6 +56,7 @@ def default_input_state(n_modes: int, n_photons: int | None = None) -> list:
             f"n_photons must be between 1 and n_modes={n_modes} (one photon per mode at most when the state is "
             f"derived from a photon count), got {n_photons}"
         )
+    n_photons = int(n_photons)
     slots = (n_modes + 1) // 2
     state = [0] * n_modes
     if n_photons <= slots:
@@ -74,6 +82,7 @@ def _check_input_state(input_state, n_modes: int, n_photons) -> list:
         raise TypeError(f"input_state must be a sequence of ints, got {type(input_state).__name__}") from None
     if not all(_is_int(s) for s in state):
         raise TypeError(f"input_state must hold ints (photons per mode), got {state!r}")
+    state = [int(s) for s in state]
     if len(state) != n_modes:
         raise ValueError(f"input_state must have one entry per mode (n_modes={n_modes}), got length {len(state)}")
     if any(s < 0 for s in state):
@@ -99,6 +108,15 @@ class PhotonicFidelityKernel(nn.Module):
             (and returned) in float64; float64 inputs are always computed in float64.
 
     `k(x)` is the N x N matrix, `k(x, y)` the N x M one. The total photon count must be at most 12.
+
+    The interferometer R is a complex buffer (`unitary`), complex128 when built. Module casts keep it exact on every
+    path PyTorch moves a module by (`.to`, `.double`, `.float`, `.half`, `.type`, `.cuda`, `.to_empty`): a cast to
+    float64 (or complex128) makes it complex128 and the module's dtype float64; a cast to float32, float16 or
+    bfloat16 (or complex64) makes it complex64 and the dtype float32 (half-precision features are computed in
+    float32, as everywhere in qrkd); a cast to a non-floating dtype is a TypeError. Its imaginary part is never
+    dropped, and `to_empty` keeps its values (and the input state): they are constants, not uninitialised weights.
+    A state_dict is checked before anything is copied: an input state with no photon, a negative count or more than
+    12 photons, or a matrix that is not complex and unitary, is refused and leaves the module unchanged.
     """
 
     def __init__(
@@ -129,31 +147,118 @@ class PhotonicFidelityKernel(nn.Module):
             state = _check_input_state(input_state, n_modes, n_photons)
         if sum(state) > MAX_PHOTONS:
             raise ValueError(f"at most {MAX_PHOTONS} photons are supported, the input state {state} has {sum(state)}")
-        if not isinstance(angle_scale, (int, float)) or isinstance(angle_scale, bool) or not math.isfinite(angle_scale):
+        if not _is_real(angle_scale) or not math.isfinite(angle_scale):
             raise TypeError(f"angle_scale must be a finite number, got {angle_scale!r}")
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
         if seed is not None and not _is_int(seed):
             raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
-        self.input_size, self.n_modes = input_size, n_modes
+        self.input_size, self.n_modes = int(input_size), int(n_modes)
         self.angle_scale, self.dtype = float(angle_scale), dtype
         generator = None
         if seed is not None:
-            generator = torch.Generator().manual_seed(seed)
-        self.register_buffer("unitary", haar_unitary(n_modes, generator))
+            generator = torch.Generator().manual_seed(int(seed))
+        self.register_buffer("unitary", haar_unitary(self.n_modes, generator))
         self.register_buffer("input_state", torch.tensor(state, dtype=torch.long))
         self._sync_state()
-        # the Python-side copies (read per call without a device sync, and traceable) follow a loaded state
-        self.register_load_state_dict_post_hook(lambda module, _keys: module._sync_state())
 
     # ----------------------------------------------------------------------------------------------------- state
     def _sync_state(self) -> None:
+        """The Python-side copies of the input state (read per call without a device sync, and traceable)."""
         state = self.input_state.tolist()
-        if sum(state) > MAX_PHOTONS or min(state) < 0 or len(state) != self.n_modes:
-            raise ValueError(f"input_state {state} is not a valid state of {self.n_modes} modes with 1..12 photons")
+        problem = self._state_problem(self.input_state)
+        if problem:
+            raise ValueError(problem)
         self.n_photons = sum(state)
         self._rows = [k for k, s in enumerate(state) for _ in range(s)]
         self._normalisation = float(math.prod(math.factorial(s) for s in state))
+
+    def _state_problem(self, state) -> str | None:
+        """Why `state` cannot be this module's input state (None when it can)."""
+        if not isinstance(state, torch.Tensor) or state.is_floating_point() or state.is_complex() or \
+                state.dtype == torch.bool:
+            return f"input_state must be an integer tensor, got {type(state).__name__} {getattr(state, 'dtype', '')}"
+        if tuple(state.shape) != (self.n_modes,):
+            return f"input_state must have shape ({self.n_modes},) (one entry per mode), got {tuple(state.shape)}"
+        values = state.tolist()
+        if min(values) < 0 or not 1 <= sum(values) <= MAX_PHOTONS:
+            return (f"input_state {values} is not a valid state of {self.n_modes} modes: photon counts must be >= 0 "
+                    f"with 1 to {MAX_PHOTONS} photons in all")
+        return None
+
+    def _unitary_problem(self, u) -> str | None:
+        """Why `u` cannot be this module's interferometer (None when it can)."""
+        m = self.n_modes
+        if not isinstance(u, torch.Tensor) or not u.is_complex():
+            return f"unitary must be a complex {m} x {m} tensor, got {type(u).__name__} {getattr(u, 'dtype', '')}"
+        if tuple(u.shape) != (m, m):
+            return f"unitary must have shape ({m}, {m}), got {tuple(u.shape)}"
+        if u.device.type == "meta":
+            return None
+        single = u.dtype in (torch.complex32, torch.complex64)
+        u = u.detach().to(torch.complex128)
+        err = (u @ u.conj().T - torch.eye(m, dtype=u.dtype, device=u.device)).abs().max().item()
+        if not err <= (1e-4 if single else 1e-9):  # also refuses NaN
+            return f"unitary is not unitary: max |U U^H - I| = {err:.3g}"
+        return None
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # all or nothing: nothing is copied unless both buffers present are valid
+        problems = []
+        if prefix + "unitary" in state_dict:
+            problems.append(self._unitary_problem(state_dict[prefix + "unitary"]))
+        if prefix + "input_state" in state_dict:
+            problems.append(self._state_problem(state_dict[prefix + "input_state"]))
+        problems = [p for p in problems if p]
+        if problems:
+            error_msgs.extend(f"{prefix or type(self).__name__ + '.'}{p}; the module was left unchanged"
+                              for p in problems)
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self._sync_state()
+
+    def _apply(self, fn, recurse=True):
+        # nn.Module.to(float64) turns a complex buffer into a real one (dropping the imaginary part) and to_empty
+        # forgets its values: the interferometer and the input state are constants that only follow the device,
+        # and the interferometer the precision, of the cast (see the class docstring). PyTorch's own _apply does
+        # not see them; what fn does to floating tensors is read off two empty probes.
+        probe32, probe64 = (fn(torch.zeros(0, dtype=d, device=self.unitary.device))
+                            for d in (torch.float32, torch.float64))
+        target = probe32.dtype if probe32.dtype != torch.float32 else probe64.dtype
+        if probe32.dtype == torch.float32 and probe64.dtype == torch.float64:
+            target = None  # no precision change: a move, to_empty, share_memory...
+        elif not (target.is_floating_point or target.is_complex):
+            raise TypeError(f"{type(self).__name__} cannot be cast to {target}: its interferometer is complex and "
+                            "its computations floating point")
+        if target is None:
+            cdtype, dtype = self.unitary.dtype, self.dtype
+        else:
+            wide = target in (torch.float64, torch.complex128)
+            cdtype = torch.complex128 if wide else torch.complex64
+            dtype = torch.float64 if wide else torch.float32
+        order = list(self._buffers)
+        constants = {name: self._buffers.pop(name) for name in ("unitary", "input_state")}
+        moved = constants
+        try:
+            super()._apply(fn, recurse)
+            moved = {name: self._move_constant(fn, t, probe32.device, cdtype if t.is_complex() else t.dtype,
+                                               target is None) for name, t in constants.items()}
+        finally:  # back in their places (the state_dict's order), moved or, after an error, as they were
+            rest = dict(self._buffers)
+            self._buffers.clear()
+            self._buffers.update({name: moved[name] if name in moved else rest[name] for name in order})
+        self.dtype = dtype
+        return self
+
+    @staticmethod
+    def _move_constant(fn, t: torch.Tensor, device, dtype, same_dtype: bool) -> torch.Tensor:
+        if t.device.type == "meta":  # no values to keep
+            return fn(t).to(device, dtype)
+        if same_dtype and fn(t) is t:  # in place (share_memory_) or nothing to do
+            return t
+        return t.to(device, dtype)  # values kept: never fn's (to_empty's are uninitialised)
 
     @property
     def rows(self) -> list:

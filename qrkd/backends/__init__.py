@@ -78,6 +78,11 @@ def available_backends() -> list:
     return [name for name, (ok, _) in backend_status().items() if ok]
 
 
+def env_backend() -> str:
+    """$QRKD_BACKEND with surrounding blanks removed ('' when unset): the backend that replaces "auto"."""
+    return os.environ.get("QRKD_BACKEND", "").strip()
+
+
 def _require_ext() -> bool:
     return os.environ.get("QRKD_REQUIRE_EXT", "") not in ("", "0")
 
@@ -92,18 +97,23 @@ def resolve(backend: str, op: str, tensor: torch.Tensor):
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     device_type, dtype = tensor.device.type, tensor.dtype
+    source = ""
     if backend == "auto":
-        backend = os.environ.get("QRKD_BACKEND", "auto") or "auto"
+        backend = env_backend() or "auto"
+        source = "" if backend == "auto" else " (from QRKD_BACKEND)"
     if backend != "auto":
         if backend not in _MODULES:
+            if source:
+                raise ValueError(f"QRKD_BACKEND must be 'auto' or one of {list(_MODULES)}; got {backend!r}")
             raise ValueError(f"backend must be 'auto' or one of {list(_MODULES)}; got {backend!r}")
         if not _module(backend) or not _status[backend][0]:
             raise ValueError(
-                f"backend {backend!r} is not available ({_status[backend][1]}); available: {available_backends()}"
+                f"backend {backend!r}{source} is not available ({_status[backend][1]}); "
+                f"available: {available_backends()}"
             )
         if not _supports(backend, op, device_type, dtype):
             raise ValueError(
-                f"backend {backend!r} does not run {op} on {device_type} tensors of dtype {dtype}; "
+                f"backend {backend!r}{source} does not run {op} on {device_type} tensors of dtype {dtype}; "
                 f"available: {available_backends()}"
             )
         return _module(backend)
