@@ -88,6 +88,7 @@ setup(
             "pytest-benchmark",
             "ninja",
             "tqdm",
+            "torchdistill==1.1.5",  # qrkd.integrations.torchdistill, examples/torchdistill
         ],
     },
     entry_points={"console_scripts": ["qrkd=qrkd.cli:main"]},
