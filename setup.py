@@ -86,6 +86,7 @@ setup(
             "matplotlib",
             "pytest",
             "pytest-benchmark",
+            "hypothesis",
             "ninja",
             "tqdm",
             "torchdistill==1.1.5",  # qrkd.integrations.torchdistill, examples/torchdistill

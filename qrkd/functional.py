@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from . import backends
+from .backends import reference
 
 _UPCAST = (torch.float16, torch.bfloat16)
 
@@ -61,10 +62,25 @@ def kd_loss(student_logits, teacher_logits, temperature: float = 4.0, alpha: flo
     return alpha * temperature**2 * F.kl_div(log_p_s, p_t, reduction="batchmean")
 
 
+def _centred(x):
+    return x - x.mean(dim=0, keepdim=True)
+
+
+def _centred_pair(impl, student, teacher):
+    """Distances and angles are translation invariant: the fast backends get features centred on the batch mean, so
+    that their Gram and law-of-cosines formulas do not cancel on features with a large common offset (ReLU outputs).
+    The centring is part of the autograd graph, so the student gradient stays exact. The reference keeps the seed's
+    formula on the raw features."""
+    if impl is reference:
+        return student, teacher
+    return _centred(student), _centred(teacher)
+
+
 def rkd_distance_loss(student, teacher, *, zero_diagonal: bool = False, backend: str = "auto"):
     """RKD distance loss (DESIGN.md 3.2). zero_diagonal=False is the seed's convention, True the original RKD one."""
     student, teacher = _prepare_pair(student, teacher)
     impl = backends.resolve(backend, "rkd_distance_loss", student)
+    student, teacher = _centred_pair(impl, student, teacher)
     return impl.rkd_distance_loss(student, teacher, bool(zero_diagonal))
 
 
@@ -72,7 +88,8 @@ def rkd_angle_loss(student, teacher, *, backend: str = "auto", anchors=None):
     """RKD angle loss over all N^3 triplets (DESIGN.md 3.3).
 
     anchors=(start, stop) computes only the triplets whose anchor index is in [start, stop), still divided by N^3:
-    the shares of a partition of the anchors add up to the loss (how the distributed trainer splits the work).
+    the shares of a partition of the anchors add up to the loss (how the distributed trainer splits the work; every
+    share centres on the mean of the whole batch).
     """
     student, teacher = _prepare_pair(student, teacher)
     n = student.shape[0]
@@ -80,6 +97,7 @@ def rkd_angle_loss(student, teacher, *, backend: str = "auto", anchors=None):
     if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop <= n):
         raise ValueError(f"anchors must be a pair of ints (start, stop) with 0 <= start <= stop <= N={n}, got {anchors!r}")
     impl = backends.resolve(backend, "rkd_angle_loss", student)
+    student, teacher = _centred_pair(impl, student, teacher)
     if (start, stop) == (0, n):
         return impl.rkd_angle_loss(student, teacher)
     return impl.rkd_angle_loss(student, teacher, start, stop)
