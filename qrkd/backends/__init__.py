@@ -92,6 +92,15 @@ def _supports(name: str, op: str, device_type: str, dtype: torch.dtype) -> bool:
     return mod is not None and _status[name][0] and hasattr(mod, op) and mod.supports(op, device_type, dtype)
 
 
+def supports(backend: str, op: str, device_type: str, dtype: torch.dtype) -> bool:
+    """Whether `backend` is available in this process and runs `op` (one of OPS) on `device_type` tensors of `dtype`."""
+    if backend not in _MODULES:
+        raise ValueError(f"backend must be one of {list(_MODULES)}; got {backend!r}")
+    if op not in OPS:
+        raise ValueError(f"op must be one of {list(OPS)}; got {op!r}")
+    return _supports(backend, op, device_type, dtype)
+
+
 def resolve(backend: str, op: str, tensor: torch.Tensor):
     """The backend module that runs `op` for `tensor` (its device and dtype)."""
     if not isinstance(backend, str):

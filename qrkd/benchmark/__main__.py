@@ -1,0 +1,7 @@
+"""`python -m qrkd.benchmark`: the same as `qrkd bench`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

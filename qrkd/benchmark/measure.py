@@ -1,0 +1,182 @@
+"""One measurement, in the process that makes it: time and peak memory of an impl on a case, and failures."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import resource
+import statistics
+import time
+
+from .cases import COMPILED, Case
+from .implementations import build_call
+
+
+def _proc_status(field: str) -> int:
+    """A /proc/self/status size in bytes (0 where /proc is not there)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _malloc_trim() -> None:
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class MemoryProbe:
+    """Peak memory of the calls made between reset() and peak(), above the memory in use at reset()."""
+
+    def __init__(self, device_type: str):
+        self.cuda = device_type == "cuda"
+        self.base = 0
+        self.method = ""
+
+    def reset(self) -> None:
+        gc.collect()
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            self.base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            self.method = "cuda.max_memory_allocated"
+            return
+        _malloc_trim()
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current resident size
+            self.method = "VmHWM"
+        except OSError:
+            self.method = "VmHWM-since-start"  # cannot reset: the peak includes everything since the child started
+        self.base = _proc_status("VmRSS")
+
+    def peak(self) -> tuple:
+        """(peak above the reset point, absolute peak)."""
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            top = torch.cuda.max_memory_allocated()
+        else:
+            top = _proc_status("VmHWM")
+        return max(0, top - self.base), top
+
+
+def _stats(samples: list) -> dict:
+    ordered = sorted(samples)
+    if len(ordered) >= 2:
+        q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
+    else:
+        q1 = q3 = ordered[0]
+    return dict(
+        median_s=statistics.median(ordered),
+        iqr_s=q3 - q1,
+        mean_s=statistics.fmean(ordered),
+        min_s=ordered[0],
+        samples_s=samples,
+        reps=len(samples),
+    )
+
+
+def measure(case: Case, impl: str, settings: dict, started: float | None = None) -> dict:
+    """Times `impl` on `case` in this process and measures its peak memory (see the module docstring)."""
+    import torch
+
+    started = time.perf_counter() if started is None else started
+    now = time.perf_counter
+    budget_end = started + settings["budget_s"]
+    call, sync = build_call(case, impl)
+    setup_s = now() - started
+    probe = MemoryProbe(case.device)
+    probe.reset()
+    calls_start = t0 = now()
+    value = float(call())
+    sync()
+    first = now() - t0
+    samples = []
+    slow = first >= settings["slow_s"] and impl != COMPILED
+    if slow:
+        # the first call may still hold a JIT compilation (Triton) or a lazy initialisation: time a second one when
+        # the budget allows, and keep the first as a sample only if it was not much slower
+        per_call = first
+        if first < settings["slow_cap_s"] and now() + first < budget_end:
+            t0 = now()
+            call()
+            sync()
+            per_call = now() - t0
+            samples = [per_call] if first > 1.5 * per_call else [first, per_call]
+        else:
+            samples = [first]
+        peak, peak_abs = probe.peak()
+    else:
+        t0 = now()
+        call()
+        sync()
+        per_call = now() - t0
+        probe.reset()
+    inner = 1
+    if per_call < settings["min_sample_s"]:
+        inner = max(1, min(1000, int(settings["min_sample_s"] / max(per_call, 1e-7))))
+    timing_start = now()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        while len(samples) < settings["max_reps"]:
+            spent = now() - (calls_start if slow else timing_start)
+            if len(samples) >= settings["min_reps"] and spent >= settings["target_s"]:
+                break
+            if slow and spent >= settings["slow_cap_s"]:
+                break
+            if samples and now() + per_call * inner > budget_end:
+                break
+            t0 = now()
+            for _ in range(inner):
+                call()
+            sync()
+            samples.append((now() - t0) / inner)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    if not slow:
+        peak, peak_abs = probe.peak()
+    out = _stats(samples)
+    out.update(
+        status="ok",
+        detail="",
+        inner=inner,
+        first_call_s=first,
+        setup_s=setup_s,
+        peak_mem_bytes=peak,
+        baseline_mem_bytes=probe.base,
+        peak_rss_bytes=peak_abs,
+        mem_method=probe.method,
+        value=value,
+        threads=torch.get_num_threads(),
+    )
+    return out
+
+
+_OOM_PATTERNS = ("can't allocate memory", "cannot allocate memory", "out of memory", "bad_alloc", "memoryerror")
+
+
+def classify_failure(exc: BaseException) -> dict:
+    text = f"{type(exc).__name__}: {exc}"
+    status = "oom" if isinstance(exc, MemoryError) or any(p in text.lower() for p in _OOM_PATTERNS) else "error"
+    return {"status": status, "detail": text[:800]}
+
+
+def _limit_address_space(extra_bytes: int) -> None:
+    """Address space = what this process maps now (torch alone maps gigabytes of libraries) + extra_bytes."""
+    current = _proc_status("VmSize")
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = current + int(extra_bytes)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
