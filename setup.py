@@ -1,12 +1,18 @@
 """Builds qrkd and its extension qrkd._C: CPU kernels always, CUDA kernels when a CUDA toolkit and a CUDA torch are
-present (FORCE_CUDA=1 forces them, QRKD_NO_CUDA=1 leaves them out). Install with --no-build-isolation against the
-torch you run: `pip install --no-build-isolation -e ".[dev]"`."""
+present (FORCE_CUDA=1 forces them, QRKD_NO_CUDA=1 leaves them out).
+
+The extension compiles here only when torch is importable, so with --no-build-isolation against the torch you run:
+`pip install --no-build-isolation -e ".[dev]"` (in place, -march=native) or `pip wheel --no-build-isolation .` (a
+portable x86-64 wheel that requires the same torch major.minor). A plain `pip install .` builds in an isolated
+environment without torch: the package then holds no qrkd._C, only its C++ sources (qrkd/csrc, shipped in every
+install), and builds the extension on first use (qrkd/_build.py)."""
 
 import glob
 import os
 import sys
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 # torch.utils.cpp_extension reads these when it is imported
 if not os.environ.get("CUDA_HOME") and os.path.exists("/usr/local/cuda/bin/nvcc"):
@@ -18,12 +24,51 @@ def _flag(name):
     return os.environ.get(name, "") not in ("", "0")
 
 
+def _csrc_files():
+    return sorted(glob.glob(os.path.join("csrc", "**", "*.h"), recursive=True)
+                  + glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True)
+                  + glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
+
+
+class build_py_with_sources(build_py):
+    """Also copies csrc/ into the built package as qrkd/csrc, where qrkd/_build.py finds the sources to build the
+    extension on first use (an editable install reads csrc/ in the checkout)."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        for path in _csrc_files():
+            target = os.path.join(self.build_lib, "qrkd", path)
+            self.mkpath(os.path.dirname(target))
+            self.copy_file(path, target)
+
+
+def _build_ext_class(BuildExtension):
+    class build_ext(BuildExtension.with_options(use_ninja=True)):
+        """-march=native only for a build that stays on this machine (build_ext --inplace, an editable install); a
+        wheel (`pip install --no-build-isolation .`, `pip wheel .`, bdist_wheel) is portable x86-64 and carries no
+        debug information."""
+
+        def run(self):
+            in_place = self.inplace or getattr(self, "editable_mode", False)
+            for ext in self.extensions:
+                if not in_place:
+                    ext.extra_compile_args["cxx"].append("-g0")
+                elif not _flag("QRKD_PORTABLE"):
+                    ext.extra_compile_args["cxx"].append("-march=native")
+            super().run()
+
+    return build_ext
+
+
 def extensions():
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError:
-        print("qrkd setup: torch is not importable; building the pure-Python package only", file=sys.stderr)
+        print("qrkd setup: torch is not importable here (pip's isolated build): the package holds the C++ sources and "
+              "builds its extension on first use; `--no-build-isolation` compiles it now", file=sys.stderr)
         return [], {}
     if _flag("QRKD_SKIP_EXT"):  # the Makefile installs first, then builds the extension in place once
         return [], {}
@@ -36,8 +81,6 @@ def extensions():
         _flag("FORCE_CUDA") or (torch.version.cuda is not None)
     )
     cxx = ["-O3", "-fopenmp", "-std=c++17"]
-    if not _flag("QRKD_PORTABLE"):
-        cxx.append("-march=native")
     define = []
     kwargs = dict(
         name="qrkd._C",
@@ -57,10 +100,16 @@ def extensions():
     else:
         ext = CppExtension(sources=cpp_sources, define_macros=define, extra_compile_args={"cxx": cxx}, **kwargs)
     print(f"qrkd setup: building qrkd._C with {'CPU + CUDA' if with_cuda else 'CPU'} kernels", file=sys.stderr)
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return [ext], {"build_ext": _build_ext_class(BuildExtension)}
 
 
 ext_modules, cmdclass = extensions()
+if ext_modules:  # qrkd._C is tied to the C++ ABI of the torch it was compiled against
+    import torch
+
+    requirements = ["torch=={}.{}.*".format(*torch.__version__.split(".")[:2])]
+else:  # built on first use (qrkd/_build.py), with ninja
+    requirements = ["torch>=2.11", "ninja"]
 
 setup(
     name="qrkd",
@@ -71,8 +120,8 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["qrkd", "qrkd.*"]),
     ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    install_requires=["torch>=2.11", "numpy", "tqdm"],
+    cmdclass={"build_py": build_py_with_sources, **cmdclass},
+    install_requires=requirements + ["numpy", "tqdm"],
     extras_require={
         "merlin": ["merlinquantum==0.4.2"],
         "vision": ["torchvision>=0.26"],
