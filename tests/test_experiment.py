@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from qrkd import DistillationLoss, experiment, train
-from qrkd.experiment import paired_difference, parse_args, t_quantile
+from qrkd.experiment import parse_args
+from qrkd.report import paired_difference, t_quantile
 
 from test_data import write_mnist
 
