@@ -135,10 +135,11 @@ def compile_all_for_sm90():
             for zd in (False, True):
                 c = {"BACKWARD": bw, "ZERO_DIAG": zd, "BLOCK_I": bi, "BLOCK_J": bj}
                 build(k.rkd_distance.distance_tail_kernel, data, c, w, () if bw else ("part_ptr",))
-        ba, b, w = blocks["angle"]
+        ba, b, w = triton_launch.GPU_BLOCKS[torch.float64]["angle"]  # q is float64 for either feature dtype
         for bw in (False, True):
-            c = {"BACKWARD": bw, "BLOCK_A": ba, "BLOCK": b}
-            build(k.rkd_angle.angle_triplet_kernel, data, c, w, () if bw else ("part_ptr",))
+            c = {"BACKWARD": bw, "BLOCK_A": ba, "BLOCK": b, "WORK_F32": dtype == torch.float32}
+            float64_ptrs = ("qs_ptr", "qt_ptr", "part_ptr") + (() if bw else ("g_ptr",))
+            build(k.rkd_angle.angle_triplet_kernel, data, c, w, float64_ptrs)
         bn, bd, w = blocks["rows"]
         build(k.fidelity.normalize_rows_kernel, data, {"BLOCK_N": bn, "BLOCK_D": bd}, w)
         build(k.fidelity.normalize_rows_backward_kernel, data, {"BLOCK_N": bn, "BLOCK_D": bd}, w)

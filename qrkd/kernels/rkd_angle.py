@@ -9,6 +9,10 @@ which is e_ab . e_ac with the seed's clamped normalisation. With u = A_s - A_t a
 Each program owns one (b-tile, c-tile) pair with c-tile >= b-tile and a range of anchors; angle(a, b, c) =
 angle(a, c, b), so an off-diagonal tile pair counts twice and the diagonal one once. The q_bc tiles stay in
 registers across the anchors; the per-anchor rows q_a. are two short vector loads.
+
+With WORK_F32, q is float64 (for float32 features) and only the numerators q_ab + q_ac - q_bc are formed in float64,
+the rest of the triplet work in float32: the numerator cancels to ~d_ab d_ac when d_ab << d_ac (near-duplicate,
+collinear and one-dimensional points), which float32 squared distances cannot resolve.
 """
 
 import triton
@@ -23,6 +27,15 @@ def _inverse_distance(q):
     return inv, k
 
 
+@triton.jit
+def _work(x, WORK_F32: tl.constexpr):
+    if WORK_F32:
+        y = x.to(tl.float32)
+    else:
+        y = x
+    return y
+
+
 @triton.jit(do_not_specialize=["a_begin", "a_end"])
 def angle_triplet_kernel(
     qs_ptr,
@@ -35,6 +48,7 @@ def angle_triplet_kernel(
     BACKWARD: tl.constexpr,
     BLOCK_A: tl.constexpr,
     BLOCK: tl.constexpr,
+    WORK_F32: tl.constexpr = False,
 ):
     """Grid (anchor chunks of BLOCK_A in [a_begin, a_end), b-tiles, c-tiles); programs with c-tile < b-tile do
     nothing. Forward: part[pid] = this program's share of sum smooth_l1(u) (float64). Backward: atomically adds
@@ -51,8 +65,8 @@ def angle_triplet_kernel(
         tile = rows_b.to(tl.int64)[:, None] * N + rows_c[None, :]
         qs_bc = tl.load(qs_ptr + tile, mask=mask, other=0.0)
         qt_bc = tl.load(qt_ptr + tile, mask=mask, other=0.0)
-        weight = 2.0 - (bt == ct).to(qs_bc.dtype)
-        acc = tl.zeros((BLOCK, BLOCK), dtype=qs_bc.dtype)
+        weight = 2.0 - _work((bt == ct).to(qs_bc.dtype), WORK_F32)
+        acc = _work(tl.zeros((BLOCK, BLOCK), dtype=qs_bc.dtype), WORK_F32)
         a0 = a_begin + pid_a * BLOCK_A
         a1 = tl.minimum(a0 + BLOCK_A, a_end)
         row0 = a0.to(tl.int64) * N
@@ -66,10 +80,12 @@ def angle_triplet_kernel(
             is_c, ks_c = _inverse_distance(qs_ac)
             it_b, _ = _inverse_distance(qt_ab)
             it_c, _ = _inverse_distance(qt_ac)
+            is_b, ks_b, it_b = _work(is_b, WORK_F32), _work(ks_b, WORK_F32), _work(it_b, WORK_F32)
+            is_c, ks_c, it_c = _work(is_c, WORK_F32), _work(ks_c, WORK_F32), _work(it_c, WORK_F32)
             # masked rows and columns load q = 0, so their inverses and hence r and A are 0 on both sides
             r_s = (0.5 * is_b)[:, None] * is_c[None, :]
-            a_s = (qs_ab[:, None] + qs_ac[None, :] - qs_bc) * r_s
-            a_t = (qt_ab[:, None] + qt_ac[None, :] - qt_bc) * ((0.5 * it_b)[:, None] * it_c[None, :])
+            a_s = _work(qs_ab[:, None] + qs_ac[None, :] - qs_bc, WORK_F32) * r_s
+            a_t = _work(qt_ab[:, None] + qt_ac[None, :] - qt_bc, WORK_F32) * ((0.5 * it_b)[:, None] * it_c[None, :])
             u = a_s - a_t
             if BACKWARD:
                 g = tl.where(u > 1.0, 1.0, tl.where(u < -1.0, -1.0, u))
