@@ -8,6 +8,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
+#include <tuple>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -64,6 +66,23 @@ inline void check_pair(const at::Tensor& s, const at::Tensor& t) {
               " vs ", t.size(0), ")");
   TORCH_CHECK(s.scalar_type() == t.scalar_type(), "qrkd cpp kernels: student and teacher dtypes differ (",
               s.scalar_type(), " vs ", t.scalar_type(), ")");
+}
+
+// Whether every entry of a contiguous float32/float64 tensor is finite.
+inline bool all_finite(const at::Tensor& x) {
+  auto scan = [](const auto* p, int64_t count) {
+    for (int64_t i = 0; i < count; ++i)
+      if (!std::isfinite(p[i])) return false;
+    return true;
+  };
+  return x.scalar_type() == at::kDouble ? scan(x.data_ptr<double>(), x.numel()) : scan(x.data_ptr<float>(), x.numel());
+}
+
+// A loss op's result (loss, dL/dstudent) for features holding a NaN or an inf: NaN, like every other backend, even
+// where no pair is formed (N = 1), and without the O(N^2) or O(N^3) passes.
+inline std::tuple<at::Tensor, at::Tensor> non_finite_loss(const at::Tensor& s, bool with_grad) {
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  return {at::full({}, nan, s.options()), with_grad ? at::full(s.sizes(), nan, s.options()) : at::empty({0}, s.options())};
 }
 
 // Parallel regions (a fork and a barrier each) only pay off above some tens of thousands of elements of work.

@@ -2,9 +2,16 @@
 
 The teacher side never receives gradient: it is detached here, before any backend sees it. Half-precision features
 are computed in float32 (the relations divide by distances and norms) and the loss is returned in float32.
+
+Autograd: torch.func.grad works on every backend; torch.func.vmap is refused with an error. Double backward (differentiating a gradient, e.g.
+a gradient penalty) is exact in backend="reference" for every relation and in "torch" for all but the angle loss;
+the other backends compute the first gradient under create_graph=True and raise a RuntimeError naming a backend that
+supports it when that gradient is differentiated. A NaN or inf in the features gives a NaN loss in every backend.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -84,12 +91,37 @@ def rkd_distance_loss(student, teacher, *, zero_diagonal: bool = False, backend:
     return impl.rkd_distance_loss(student, teacher, bool(zero_diagonal))
 
 
+# a call over more triplets than this runs for minutes to hours (the whole batch at N ~ 4600); warned once per process
+ANGLE_TRIPLETS_WARNING = 1e11
+_angle_cost_warned = False
+
+
+def _warn_angle_cost(n: int, start: int, stop: int) -> None:
+    global _angle_cost_warned
+    triplets = (stop - start) * n * n
+    if _angle_cost_warned or triplets <= ANGLE_TRIPLETS_WARNING:
+        return
+    _angle_cost_warned = True
+    warnings.warn(
+        f"rkd_angle_loss: N={n} means {triplets:.3g} triplets in this call (O(N^3) work: minutes to hours on a CPU, "
+        f"beyond interactive sizes from about {ANGLE_TRIPLETS_WARNING:.0e}). Shard the anchors across processes with "
+        f"anchors=(start, stop): the shares of a partition of range(N) add up to the loss. Ctrl-C stops the call. "
+        f"(Warned once per process.)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
 def rkd_angle_loss(student, teacher, *, backend: str = "auto", anchors=None):
     """RKD angle loss over all N^3 triplets (DESIGN.md 3.3).
 
     anchors=(start, stop) computes only the triplets whose anchor index is in [start, stop), still divided by N^3:
     the shares of a partition of the anchors add up to the loss (how the distributed trainer splits the work; every
     share centres on the mean of the whole batch).
+
+    Cost: O(N^3) time ((stop - start) * N^2 triplets) in O(N^2) memory. A call over more than ANGLE_TRIPLETS_WARNING
+    (1e11) triplets, the whole batch from N ~ 4600 on, warns once per process with the estimate and the `anchors`
+    sharding; Ctrl-C stops a long call (cpp and torch backends) within a fraction of a second.
     """
     student, teacher = _prepare_pair(student, teacher)
     n = student.shape[0]
@@ -97,6 +129,7 @@ def rkd_angle_loss(student, teacher, *, backend: str = "auto", anchors=None):
     if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop <= n):
         raise ValueError(f"anchors must be a pair of ints (start, stop) with 0 <= start <= stop <= N={n}, got {anchors!r}")
     impl = backends.resolve(backend, "rkd_angle_loss", student)
+    _warn_angle_cost(n, start, stop)
     student, teacher = _centred_pair(impl, student, teacher)
     if (start, stop) == (0, n):
         return impl.rkd_angle_loss(student, teacher)

@@ -136,6 +136,7 @@ std::tuple<at::Tensor, at::Tensor> fidelity_loss_cpu(const at::Tensor& student, 
   check_pair(s, t);
   TORCH_CHECK(s.size(1) == t.size(1), "qrkd cpp kernels: fidelity_loss needs equal widths (truncate first), got ",
               s.size(1), " and ", t.size(1));
+  if (!all_finite(s) || !all_finite(t)) return non_finite_loss(s, with_grad);
   at::NoGradGuard no_grad;
   if (s.scalar_type() == at::kDouble) return fidelity_loss_impl<double>(s, t, with_grad);
   return fidelity_loss_impl<float>(s, t, with_grad);

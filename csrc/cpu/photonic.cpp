@@ -8,11 +8,13 @@
 //
 // Arithmetic is in double whatever the input dtype (the Gray-code walk accumulates rounding over 2^n steps). Eight
 // pairs (i, j..j+7) are processed together in structure-of-arrays form so that every inner loop runs over the eight
-// lanes and vectorises; the photon count n is a template parameter (1..12) so the n-loops unroll.
+// lanes and vectorises; the photon count n is a template parameter (1..12) so the n-loops unroll. Both walks poll for
+// Ctrl-C before each row of a tile (interrupt.h).
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "interrupt.h"
 #include "photonic_dispatch.h"
 
 #include <algorithm>
@@ -43,6 +45,14 @@ static int threads_for(double units) {
 #else
   (void)units;
   return 1;
+#endif
+}
+
+static inline bool thread_zero() {
+#ifdef _OPENMP
+  return omp_get_thread_num() == 0;
+#else
+  return true;
 #endif
 }
 
@@ -201,7 +211,7 @@ static inline void ryser_cofactors(const double (&ar)[NR][NR][kLanes], const dou
 // K (N x M, double). symmetric: Q is P and only the blocks on or above the diagonal are computed (the caller mirrors).
 template <int NR>
 static void forward_impl(const c10::complex<double>* p, const std::vector<double>& qre, const std::vector<double>& qim,
-                         int64_t N, int64_t M, int64_t m, bool symmetric, double* out) {
+                         int64_t N, int64_t M, int64_t m, bool symmetric, double* out, qrkd::Interrupt& interrupt) {
   const int64_t blocks = (M + kLanes - 1) / kLanes;
   const int64_t stride = NR * m * kLanes;
   const double pairs = double(N) * double(blocks * kLanes) * (symmetric ? 0.5 : 1.0);
@@ -214,6 +224,7 @@ static void forward_impl(const c10::complex<double>* p, const std::vector<double
     for (int64_t b0 = symmetric ? i0 / kLanes : 0; b0 < blocks; b0 += kTileBlocks) {
       const int64_t b1 = std::min(blocks, b0 + kTileBlocks);
       for (int64_t i = i0; i < i1; ++i) {
+        if (interrupt.check(thread_zero())) break;
         const c10::complex<double>* pi_row = p + i * NR * m;
         for (int64_t blk = symmetric ? std::max(b0, i / kLanes) : b0; blk < b1; ++blk) {
           pair_products<NR>(pi_row, qre.data() + blk * stride, qim.data() + blk * stride, m, ar, ai);
@@ -240,7 +251,7 @@ template <int NR>
 static void backward_impl(const c10::complex<double>* p, const std::vector<double>& qre,
                           const std::vector<double>& qim, const double* g, int64_t N, int64_t M, int64_t m,
                           bool symmetric, c10::complex<double>* grad_p, std::vector<double>& gq_re,
-                          std::vector<double>& gq_im) {
+                          std::vector<double>& gq_im, qrkd::Interrupt& interrupt) {
   const int64_t blocks = (M + kLanes - 1) / kLanes;
   const int64_t stride = NR * m * kLanes;
   gq_re.assign(static_cast<size_t>(blocks * stride), 0.0);
@@ -262,6 +273,7 @@ static void backward_impl(const c10::complex<double>* p, const std::vector<doubl
       for (int64_t b0 = symmetric ? i0 / kLanes : 0; b0 < blocks; b0 += kTileBlocks) {
         const int64_t b1 = std::min(blocks, b0 + kTileBlocks);
         for (int64_t i = i0; i < i1; ++i) {
+          if (interrupt.check(thread_zero())) break;
           const c10::complex<double>* pi_row = p + i * NR * m;
           double* acc_r = acc_re.data() + (i - i0) * row_acc;
           double* acc_i = acc_im.data() + (i - i0) * row_acc;
@@ -404,8 +416,10 @@ at::Tensor photonic_fidelity_cpu(const at::Tensor& P, const at::Tensor& Q, bool 
   if (N > 0 && M > 0) {
     std::vector<double> qre, qim;
     pack_lanes(q.data_ptr<c10::complex<double>>(), M, n, m, qre, qim);
+    qrkd::Interrupt interrupt;
     QRKD_PHOTONIC_DISPATCH(n, forward_impl, p.data_ptr<c10::complex<double>>(), qre, qim, N, M, m, symmetric,
-                           out.data_ptr<double>());
+                           out.data_ptr<double>(), interrupt);
+    interrupt.rethrow();
     if (symmetric) mirror_upper(out.data_ptr<double>(), N);
   }
   return out.to(real_dtype);
@@ -428,8 +442,10 @@ std::tuple<at::Tensor, at::Tensor> photonic_fidelity_backward_cpu(const at::Tens
     std::vector<double> qre, qim, gq_re, gq_im;
     pack_lanes(q.data_ptr<c10::complex<double>>(), M, n, m, qre, qim);
     auto* gp = grad_p.data_ptr<c10::complex<double>>();
+    qrkd::Interrupt interrupt;
     QRKD_PHOTONIC_DISPATCH(n, backward_impl, p.data_ptr<c10::complex<double>>(), qre, qim, g.data_ptr<double>(), N,
-                           M, m, symmetric, gp, gq_re, gq_im);
+                           M, m, symmetric, gp, gq_re, gq_im, interrupt);
+    interrupt.rethrow();
     if (symmetric)
       unpack_lanes(gq_re, gq_im, M, n, m, /*accumulate=*/true, gp);
     else

@@ -1,7 +1,9 @@
 // RKD angle loss on the CPU (DESIGN.md 3.3), O(N^2) memory.
 //
-// 1. Squared distances q summed from differences (exact duplicates give exactly 0, close points stay accurate),
-//    and per pair 1/d (0 where d = 0; 1/max(d, 1e-12) otherwise, as the reference's normalisation) and h = 1/(2q).
+// 1. Squared distances q summed from differences in double whatever the features' type (exact duplicates give
+//    exactly 0, close points stay accurate; q_ab + q_ac - q_bc cancels to ~d_ab d_ac when d_ab << d_ac, on
+//    near-duplicate, collinear and one-dimensional points, which float q cannot resolve), and per pair 1/d (0 where
+//    d = 0; 1/max(d, 1e-12) otherwise, as the reference's normalisation) and h = 1/(2q).
 // 2. One pass over the triplets (a, b, c) with c >= b (angle(a,b,c) = angle(a,c,b): weight 2 off the b == c
 //    diagonal), parallel over the anchors a. The angle is A = (q_ab + q_ac - q_bc) r with r = 1/(2 d_ab d_ac); the
 //    same pass accumulates P = dL/dq over unordered pairs: with g = clamp(A_s - A_t, -1, 1),
@@ -10,7 +12,9 @@
 //    the band.
 // 3. dx_u = 2 sum_v H_uv (x_u - x_v), H = P + P^T, as a GEMM on the centred features.
 // A triplet whose student d_ab or d_ac is 0 has r = 0: its student angle is 0 and it sends no gradient.
+// Steps 1 and 2 poll for Ctrl-C between rows (interrupt.h); features with a NaN or inf give NaN at once.
 #include "common.h"
+#include "interrupt.h"
 
 #include <cstdlib>
 #include <vector>
@@ -18,27 +22,28 @@
 namespace qrkd {
 namespace {
 
-// q_ij = |x_i - x_j|^2 from differences, vectorised over j on the transposed features.
+// q_ij = |x_i - x_j|^2 from differences, in double, vectorised over j on the transposed features.
 template <typename T>
-void squared_distances_exact(const T* x, int64_t n, int64_t d, T* q) {
-  std::vector<T> xt(size_t(n) * size_t(d));
+void squared_distances_exact(const T* x, int64_t n, int64_t d, double* q, Interrupt& interrupt) {
+  std::vector<double> xt(size_t(n) * size_t(d));
   for (int64_t i = 0; i < n; ++i)
     for (int64_t k = 0; k < d; ++k) xt[size_t(k) * n + i] = x[i * d + k];
   constexpr int64_t kBlock = 512;
 #pragma omp parallel for schedule(dynamic, 4) num_threads(num_threads()) if (worth_parallel(n * n * d / 2))
   for (int64_t i = 0; i < n; ++i) {
-    T* qi = q + i * n;
-    qi[i] = T(0);
-    const T* xi = x + i * d;
+    if (interrupt.check(thread_id() == 0)) continue;
+    double* qi = q + i * n;
+    qi[i] = 0.0;
+    const double* xi = xt.data() + i;  // x_ik = xi[k * n]
     for (int64_t j0 = i + 1; j0 < n; j0 += kBlock) {
       const int64_t j1 = std::min(n, j0 + kBlock);
-      for (int64_t j = j0; j < j1; ++j) qi[j] = T(0);
+      for (int64_t j = j0; j < j1; ++j) qi[j] = 0.0;
       for (int64_t k = 0; k < d; ++k) {
-        const T xik = xi[k];
-        const T* col = xt.data() + size_t(k) * n;
+        const double xik = xi[size_t(k) * n];
+        const double* col = xt.data() + size_t(k) * n;
 #pragma omp simd
         for (int64_t j = j0; j < j1; ++j) {
-          const T diff = col[j] - xik;
+          const double diff = col[j] - xik;
           qi[j] += diff * diff;
         }
       }
@@ -48,11 +53,11 @@ void squared_distances_exact(const T* x, int64_t n, int64_t d, T* q) {
 }
 
 template <typename T>
-void pair_tables(const T* q, int64_t count, T* inv_d, T* half_inv_q) {
+void pair_tables(const double* q, int64_t count, T* inv_d, T* half_inv_q) {
   const T eps = T(kEps);
 #pragma omp parallel for simd schedule(static) num_threads(num_threads()) if (worth_parallel(count))
   for (int64_t i = 0; i < count; ++i) {
-    const T d = std::sqrt(q[i]);
+    const T d = T(std::sqrt(q[i]));
     const T inv = d > T(0) ? T(1) / std::max(d, eps) : T(0);
     inv_d[i] = inv;
     if (half_inv_q) half_inv_q[i] = d >= eps ? T(0.5) * inv * inv : T(0);
@@ -73,8 +78,8 @@ inline int64_t band_width(int64_t n, int threads, size_t elem) {
 }
 
 template <typename T, bool kGrad>
-double triplet_pass(int64_t n, int64_t a0, int64_t a1, const T* qs, const T* qt, const T* is, const T* it,
-                    const T* hs, double* P) {
+double triplet_pass(int64_t n, int64_t a0, int64_t a1, const double* qs, const double* qt, const T* is,
+                    const T* it, const T* hs, double* P, Interrupt& interrupt) {
   const int threads = num_threads();
   const int64_t W = band_width(n, threads, sizeof(T));
   at::Tensor priv_t;
@@ -93,11 +98,13 @@ double triplet_pass(int64_t n, int64_t a0, int64_t a1, const T* qs, const T* qt,
     std::vector<T> rowacc(kGrad ? W : 0);
     for (int64_t c0 = 0; c0 < n; c0 += W) {
       const int64_t c1 = std::min(n, c0 + W);
-      if (kGrad) std::fill(mine, mine + c1 * W, T(0));
+      // once interrupted, the remaining bands only pass their barriers (every thread meets the same constructs)
+      if (kGrad && !interrupt.stopped()) std::fill(mine, mine + c1 * W, T(0));
 #pragma omp for schedule(static)
       for (int64_t a = a0; a < a1; ++a) {
-        const T* qsa = qs + a * n;
-        const T* qta = qt + a * n;
+        if (interrupt.check(tid == 0)) continue;
+        const double* qsa = qs + a * n;
+        const double* qta = qt + a * n;
         const T* isa = is + a * n;
         const T* ita = it + a * n;
         const T* hsa = kGrad ? hs + a * n : nullptr;
@@ -107,11 +114,11 @@ double triplet_pass(int64_t n, int64_t a0, int64_t a1, const T* qs, const T* qt,
         for (int64_t b = 0; b < c1; ++b) {
           if (b == a) continue;  // d_aa = 0 on both sides: every such triplet is 0 - 0
           const T rs_b = T(0.5) * isa[b], rt_b = T(0.5) * ita[b];
-          const T qs_ab = qsa[b], qt_ab = qta[b];
+          const double qs_ab = qsa[b], qt_ab = qta[b];
           T lsum = 0, s1 = 0, s2 = 0;
           if (b >= c0) {  // c == b: half the weight of the c > b triplets (everything is doubled at the end)
             const T r = rs_b * isa[b], rt = rt_b * ita[b];
-            const T as = T(2) * qs_ab * r, at_ = T(2) * qt_ab * rt;
+            const T as = T(2.0 * qs_ab) * r, at_ = T(2.0 * qt_ab) * rt;
             const T u = as - at_;
             lsum += T(0.5) * smooth_l1(u);
             if (kGrad) {
@@ -123,15 +130,15 @@ double triplet_pass(int64_t n, int64_t a0, int64_t a1, const T* qs, const T* qt,
             }
           }
           const int64_t cs = std::max(b + 1, c0);
-          const T* qsb = qs + b * n;
-          const T* qtb = qt + b * n;
+          const double* qsb = qs + b * n;
+          const double* qtb = qt + b * n;
           if (kGrad) {
             T* pb = mine + b * W - c0;  // indexed by c
 #pragma omp simd reduction(+ : lsum, s1, s2)
             for (int64_t c = cs; c < c1; ++c) {
               const T r = rs_b * isa[c];
-              const T as = (qs_ab + qsa[c] - qsb[c]) * r;
-              const T at_ = (qt_ab + qta[c] - qtb[c]) * (rt_b * ita[c]);
+              const T as = T(qs_ab + qsa[c] - qsb[c]) * r;
+              const T at_ = T(qt_ab + qta[c] - qtb[c]) * (rt_b * ita[c]);
               const T u = as - at_;
               lsum += smooth_l1(u);
               const T g = smooth_l1_grad(u);
@@ -145,8 +152,8 @@ double triplet_pass(int64_t n, int64_t a0, int64_t a1, const T* qs, const T* qt,
           } else {
 #pragma omp simd reduction(+ : lsum)
             for (int64_t c = cs; c < c1; ++c) {
-              const T as = (qs_ab + qsa[c] - qsb[c]) * (rs_b * isa[c]);
-              const T at_ = (qt_ab + qta[c] - qtb[c]) * (rt_b * ita[c]);
+              const T as = T(qs_ab + qsa[c] - qsb[c]) * (rs_b * isa[c]);
+              const T at_ = T(qt_ab + qta[c] - qtb[c]) * (rt_b * ita[c]);
               lsum += smooth_l1(as - at_);
             }
           }
@@ -158,6 +165,7 @@ double triplet_pass(int64_t n, int64_t a0, int64_t a1, const T* qs, const T* qt,
       if (kGrad) {
 #pragma omp for schedule(dynamic, 16)
         for (int64_t b = 0; b < c1; ++b) {
+          if (interrupt.stopped()) continue;
           double* Pb = P + b * n;
           const int64_t cs = std::max(b + 1, c0);
           for (int tt = 0; tt < team; ++tt) {
@@ -176,24 +184,28 @@ std::tuple<at::Tensor, at::Tensor> angle_impl(const at::Tensor& s, const at::Ten
                                               bool with_grad) {
   const int64_t n = s.size(0);
   const auto opts = s.options();
-  at::Tensor qs = at::empty({n, n}, opts), qt = at::empty({n, n}, opts);
-  squared_distances_exact(s.data_ptr<T>(), n, s.size(1), qs.data_ptr<T>());
-  squared_distances_exact(t.data_ptr<T>(), n, t.size(1), qt.data_ptr<T>());
+  Interrupt interrupt;
+  at::Tensor qs = at::empty({n, n}, opts.dtype(at::kDouble)), qt = at::empty({n, n}, opts.dtype(at::kDouble));
+  squared_distances_exact(s.data_ptr<T>(), n, s.size(1), qs.data_ptr<double>(), interrupt);
+  squared_distances_exact(t.data_ptr<T>(), n, t.size(1), qt.data_ptr<double>(), interrupt);
+  interrupt.rethrow();
   at::Tensor is = at::empty({n, n}, opts), it = at::empty({n, n}, opts);
   at::Tensor hs = with_grad ? at::empty({n, n}, opts) : at::Tensor();
-  pair_tables(qs.data_ptr<T>(), n * n, is.data_ptr<T>(), with_grad ? hs.data_ptr<T>() : nullptr);
-  pair_tables<T>(qt.data_ptr<T>(), n * n, it.data_ptr<T>(), nullptr);
+  pair_tables(qs.data_ptr<double>(), n * n, is.data_ptr<T>(), with_grad ? hs.data_ptr<T>() : nullptr);
+  pair_tables<T>(qt.data_ptr<double>(), n * n, it.data_ptr<T>(), nullptr);
 
   const double scale = 2.0 / (double(n) * double(n) * double(n));  // weight 2 of the c > b half, mean over N^3
   if (!with_grad) {
-    const double loss = triplet_pass<T, false>(n, a0, a1, qs.data_ptr<T>(), qt.data_ptr<T>(), is.data_ptr<T>(),
-                                               it.data_ptr<T>(), nullptr, nullptr);
+    const double loss = triplet_pass<T, false>(n, a0, a1, qs.data_ptr<double>(), qt.data_ptr<double>(),
+                                               is.data_ptr<T>(), it.data_ptr<T>(), nullptr, nullptr, interrupt);
+    interrupt.rethrow();
     return {at::full({}, loss * scale, opts), at::empty({0}, opts)};
   }
   at::Tensor P = at::zeros({n, n}, opts.dtype(at::kDouble));
   double* pp = P.data_ptr<double>();
-  const double loss = triplet_pass<T, true>(n, a0, a1, qs.data_ptr<T>(), qt.data_ptr<T>(), is.data_ptr<T>(),
-                                            it.data_ptr<T>(), hs.data_ptr<T>(), pp);
+  const double loss = triplet_pass<T, true>(n, a0, a1, qs.data_ptr<double>(), qt.data_ptr<double>(),
+                                            is.data_ptr<T>(), it.data_ptr<T>(), hs.data_ptr<T>(), pp, interrupt);
+  interrupt.rethrow();
   qs.reset(); qt.reset(); is.reset(); it.reset(); hs.reset();
   // H = P + P^T in place (zero diagonal: x_u - x_u = 0), and its row sums
   at::Tensor rowsum = at::empty({n, 1}, opts.dtype(at::kDouble));
@@ -223,6 +235,7 @@ std::tuple<at::Tensor, at::Tensor> rkd_angle_cpu(const at::Tensor& student, cons
   TORCH_CHECK(0 <= anchor_start && anchor_start <= anchor_stop && anchor_stop <= n,
               "qrkd cpp kernels: anchors must satisfy 0 <= start <= stop <= N=", n, ", got (", anchor_start, ", ",
               anchor_stop, ")");
+  if (!all_finite(s) || !all_finite(t)) return non_finite_loss(s, with_grad);
   at::NoGradGuard no_grad;
   if (s.scalar_type() == at::kDouble) return angle_impl<double>(s, t, anchor_start, anchor_stop, with_grad);
   return angle_impl<float>(s, t, anchor_start, anchor_stop, with_grad);

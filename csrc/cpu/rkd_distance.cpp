@@ -13,10 +13,15 @@ struct Normaliser {
   double count = 0.0;   // number of positive entries
 };
 
-// In place on the upper triangle (j >= i): the Gram matrix of centred features -> pd (the diagonal sqrt(1e-12) or 0). The diagonal of
-// the same GEMM gives the squared norms, so exact duplicate rows cancel to q = 0.
+// A pair whose Gram formula cancels below this fraction of |x_i|^2 + |x_j|^2 is summed again from differences.
+constexpr double kGramRefine = 0.125;
+
+// In place on the upper triangle (j >= i): the Gram matrix of the centred features xc (n x d) -> pd (the diagonal
+// sqrt(1e-12) or 0). The pairs where the Gram formula cancels (duplicate and nearly coincident rows) take q from
+// differences: a GEMM does not promise equal entries for equal rows, and the cancellation costs close pairs their
+// digits.
 template <typename T>
-Normaliser gram_to_distances(T* g, int64_t n, bool zero_diagonal) {
+Normaliser gram_to_distances(T* g, const T* xc, int64_t n, int64_t d, bool zero_diagonal) {
   std::vector<T> sq(n);
   for (int64_t i = 0; i < n; ++i) sq[i] = g[i * n + i];
   const T eps = T(kEps);
@@ -35,10 +40,17 @@ Normaliser gram_to_distances(T* g, int64_t n, bool zero_diagonal) {
     }
     for (int64_t j = i + 1; j < n; ++j) {
       T q = sqi + sq[j] - T(2) * gi[j];
-      T d = std::sqrt(std::max(q, eps));  // NaN stays NaN
-      gi[j] = d;
-      if (d > T(0)) {
-        row_sum += 2.0 * double(d);
+      if (q < T(kGramRefine) * (sqi + sq[j])) {
+        q = T(0);
+        for (int64_t k = 0; k < d; ++k) {
+          const T diff = xc[i * d + k] - xc[j * d + k];
+          q += diff * diff;
+        }
+      }
+      T dij = std::sqrt(std::max(q, eps));  // NaN stays NaN
+      gi[j] = dij;
+      if (dij > T(0)) {
+        row_sum += 2.0 * double(dij);
         row_count += 2.0;
       }
     }
@@ -68,8 +80,8 @@ std::tuple<at::Tensor, at::Tensor> distance_impl(const at::Tensor& s, const at::
   at::Tensor dt = centred_gram<T>(t, &tc).contiguous();
   T* pds = ds.data_ptr<T>();
   T* pdt = dt.data_ptr<T>();
-  const Normaliser ns = gram_to_distances(pds, n, zero_diagonal);
-  const Normaliser nt = gram_to_distances(pdt, n, zero_diagonal);
+  const Normaliser ns = gram_to_distances(pds, sc.data_ptr<T>(), n, s.size(1), zero_diagonal);
+  const Normaliser nt = gram_to_distances(pdt, tc.data_ptr<T>(), n, t.size(1), zero_diagonal);
   // u = ds / mu_s - dt / mu_t is formed as (ds - dt k) / mu_s with k = mu_s / mu_t: when both sides are equal this
   // is exactly 0 even where the compiler fuses the multiply-subtract (ds * ims - dt * imt would leave its rounding)
   const T ims = T(ns.inv_mu);
@@ -148,6 +160,7 @@ std::tuple<at::Tensor, at::Tensor> rkd_distance_cpu(const at::Tensor& student, c
   at::Tensor s = check_features(student, "student");
   at::Tensor t = check_features(teacher, "teacher");
   check_pair(s, t);
+  if (!all_finite(s) || !all_finite(t)) return non_finite_loss(s, with_grad);
   at::NoGradGuard no_grad;
   if (s.scalar_type() == at::kDouble) return distance_impl<double>(s, t, zero_diagonal, with_grad);
   return distance_impl<float>(s, t, zero_diagonal, with_grad);

@@ -12,6 +12,8 @@ import importlib
 
 import torch
 
+from .autograd_limits import fused_backward, vmap_refusal
+
 _state = {"loaded": None, "detail": "", "cuda": False}
 
 
@@ -61,6 +63,32 @@ def supports(op, device_type, dtype):
     return device_type == "cpu" and dtype in (torch.float32, torch.float64)
 
 
+# ------------------------------------------------------------------------------------------------ autograd
+# Every op's autograd formula (setup_context + backward) is registered twice: with torch.library.register_autograd, for
+# direct calls of torch.ops.qrkd.* (and opcheck), and in an autograd.Function with setup_context that the functions of
+# this module call, because torch.func transforms (grad, grad_and_value) reject the Function that torch.library
+# generates. vmap is not supported. The backward passes are not differentiable: double backward refuses (see
+# autograd_limits.py).
+
+
+def _function(op_name, setup_context, backward, public_name):
+    """An autograd.Function that calls torch.ops.qrkd.<op_name> with the op's own setup_context and backward."""
+
+    def forward(*args):
+        return getattr(torch.ops.qrkd, op_name)(*args)
+
+    return type(
+        f"_{op_name}",
+        (torch.autograd.Function,),
+        {
+            "forward": staticmethod(forward),
+            "setup_context": staticmethod(setup_context),
+            "backward": staticmethod(backward),
+            "vmap": vmap_refusal("cpp", public_name),
+        },
+    )
+
+
 # ------------------------------------------------------------- RKD distance, RKD angle, classical fidelity kernel
 # Each loss op returns (loss, dL/dstudent): when the student needs a gradient the fused CPU kernel produces it in the
 # same pass as the loss (with_grad=True) and backward only scales it by grad_output; otherwise it is an empty tensor.
@@ -77,38 +105,27 @@ def _with_grad(student: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and student.requires_grad
 
 
-def rkd_distance_loss(student, teacher, zero_diagonal=False):
-    return torch.ops.qrkd.rkd_distance(student, teacher, bool(zero_diagonal), _with_grad(student))[0]
-
-
-def rkd_angle_loss(student, teacher, anchor_start=0, anchor_stop=None):
-    stop = student.shape[0] if anchor_stop is None else int(anchor_stop)
-    return torch.ops.qrkd.rkd_angle(student, teacher, int(anchor_start), stop, _with_grad(student))[0]
-
-
-def fidelity_kernel_loss(student, teacher):
-    return torch.ops.qrkd.fidelity_loss(student, teacher, _with_grad(student))[0]
-
-
-def fidelity_kernel_matrix(x):
-    return torch.ops.qrkd.fidelity_matrix(x)
-
-
 def _fake_loss_and_grad(student, with_grad):
     grad = student.new_empty(student.shape) if with_grad else student.new_empty((0,))
     return student.new_empty(()), grad
 
 
 def _save_grad(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(output[1], inputs[0], inputs[1])  # the gradient, and the student and teacher it depends on
 
 
-def _scaled_grad(n_inputs):
+def _scale(grad, student, teacher, grad_loss):
+    return grad * grad_loss
+
+
+def _scaled_grad(n_inputs, op, supported):
     def backward(ctx, grad_loss, _unused):
-        (grad,) = ctx.saved_tensors
+        grad = ctx.saved_tensors[0]
         if grad.numel() == 0:
             raise RuntimeError("qrkd cpp backend: backward through a loss computed without a gradient (with_grad=False)")
-        return (grad * grad_loss,) + (None,) * (n_inputs - 1)
+        scaled = fused_backward(_scale, (*ctx.saved_tensors, grad_loss), "cpp", op, supported)
+        return (scaled,) + (None,) * (n_inputs - 1)
 
     return backward
 
@@ -119,7 +136,39 @@ def _save_input(ctx, inputs, output):
 
 def _fidelity_matrix_backward(ctx, grad):
     (x,) = ctx.saved_tensors
-    return torch.ops.qrkd.fidelity_matrix_backward(grad, x)
+    return fused_backward(
+        lambda x, grad: torch.ops.qrkd.fidelity_matrix_backward(grad, x),
+        (x, grad),
+        "cpp",
+        "fidelity_kernel_matrix",
+        ("reference", "torch"),
+    )
+
+
+_distance_backward = _scaled_grad(4, "rkd_distance_loss", ("reference", "torch"))
+_angle_backward = _scaled_grad(5, "rkd_angle_loss", ("reference",))
+_fidelity_loss_backward = _scaled_grad(3, "fidelity_kernel_loss", ("reference", "torch"))
+_Distance = _function("rkd_distance", _save_grad, _distance_backward, "rkd_distance_loss")
+_Angle = _function("rkd_angle", _save_grad, _angle_backward, "rkd_angle_loss")
+_FidelityLoss = _function("fidelity_loss", _save_grad, _fidelity_loss_backward, "fidelity_kernel_loss")
+_FidelityMatrix = _function("fidelity_matrix", _save_input, _fidelity_matrix_backward, "fidelity_kernel_matrix")
+
+
+def rkd_distance_loss(student, teacher, zero_diagonal=False):
+    return _Distance.apply(student, teacher, bool(zero_diagonal), _with_grad(student))[0]
+
+
+def rkd_angle_loss(student, teacher, anchor_start=0, anchor_stop=None):
+    stop = student.shape[0] if anchor_stop is None else int(anchor_stop)
+    return _Angle.apply(student, teacher, int(anchor_start), stop, _with_grad(student))[0]
+
+
+def fidelity_kernel_loss(student, teacher):
+    return _FidelityLoss.apply(student, teacher, _with_grad(student))[0]
+
+
+def fidelity_kernel_matrix(x):
+    return _FidelityMatrix.apply(x)
 
 
 def _register_relation_ops():
@@ -146,9 +195,9 @@ def _register_relation_ops():
     def _(grad, x):
         return x.new_empty(x.shape)
 
-    lib.register_autograd("qrkd::rkd_distance", _scaled_grad(4), setup_context=_save_grad)
-    lib.register_autograd("qrkd::rkd_angle", _scaled_grad(5), setup_context=_save_grad)
-    lib.register_autograd("qrkd::fidelity_loss", _scaled_grad(3), setup_context=_save_grad)
+    lib.register_autograd("qrkd::rkd_distance", _distance_backward, setup_context=_save_grad)
+    lib.register_autograd("qrkd::rkd_angle", _angle_backward, setup_context=_save_grad)
+    lib.register_autograd("qrkd::fidelity_loss", _fidelity_loss_backward, setup_context=_save_grad)
     lib.register_autograd("qrkd::fidelity_matrix", _fidelity_matrix_backward, setup_context=_save_input)
 
 
@@ -164,12 +213,6 @@ if _load() and hasattr(torch.ops.qrkd, "rkd_angle"):
 _OP_KERNELS["photonic_fidelity"] = "photonic_fidelity"
 
 
-def photonic_fidelity(P, Q=None):
-    if Q is None:
-        return torch.ops.qrkd.photonic_fidelity(P, P, True)
-    return torch.ops.qrkd.photonic_fidelity(P, Q, False)
-
-
 def _photonic_setup(ctx, inputs, output):
     P, Q, symmetric = inputs
     ctx.symmetric = symmetric
@@ -178,10 +221,26 @@ def _photonic_setup(ctx, inputs, output):
 
 def _photonic_backward(ctx, grad):
     P, Q = ctx.saved_tensors
-    grad_p, grad_q = torch.ops.qrkd.photonic_fidelity_backward(grad.contiguous(), P, Q, ctx.symmetric)
-    if ctx.symmetric:
+    symmetric = ctx.symmetric
+    grad_p, grad_q = fused_backward(
+        lambda P, Q, grad: torch.ops.qrkd.photonic_fidelity_backward(grad.contiguous(), P, Q, symmetric),
+        (P, Q, grad),
+        "cpp",
+        "photonic_fidelity",
+        ("reference", "torch"),
+    )
+    if symmetric:
         return grad_p, None, None
     return (grad_p if ctx.needs_input_grad[0] else None), (grad_q if ctx.needs_input_grad[1] else None), None
+
+
+_Photonic = _function("photonic_fidelity", _photonic_setup, _photonic_backward, "photonic_fidelity")
+
+
+def photonic_fidelity(P, Q=None):
+    if Q is None:
+        return _Photonic.apply(P, P, True)
+    return _Photonic.apply(P, Q, False)
 
 
 def _register_photonic_ops():

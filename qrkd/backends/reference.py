@@ -26,15 +26,15 @@ def pairwise_distances(x, zero_diagonal=False):
 
     The diagonal is a point's distance to itself, 0 before the clamp: the seed's formula leaves the rounding of
     |x_i|^2 - x_i.x_i there, which for shifted float64 features exceeds 1e-12 and would move the truth itself.
+    It is set as q_ii * 0 (and d_ii * 0 under zero_diagonal), not a constant, so that a NaN or inf row still makes the
+    diagonal NaN: even at N = 1 non-finite features give a NaN loss.
     """
     sq = x.pow(2).sum(dim=1)
     q = sq.unsqueeze(1) + sq.unsqueeze(0) - 2.0 * (x @ x.t())
     eye = torch.eye(len(x), dtype=torch.bool, device=x.device)
-    d = q.masked_fill(eye, 0.0).clamp(min=EPS).sqrt()
+    d = torch.where(eye, q * 0.0, q).clamp(min=EPS).sqrt()
     if zero_diagonal:
-        d = d.clone()
-        idx = torch.arange(len(x), device=x.device)
-        d[idx, idx] = 0.0
+        d = torch.where(eye, d * 0.0, d)
     return d
 
 
@@ -57,13 +57,13 @@ def triplet_angles(x, anchor_start=0, anchor_stop=None):
     all N^3), e_ab = (x_b - x_a) / max(|x_b - x_a|, 1e-12).
 
     A pair whose difference is exactly zero gives e_ab = 0 with no gradient (DESIGN.md 3.3): the seed's
-    normalisation would differentiate 0 / 1e-12 there.
+    normalisation would differentiate 0 / 1e-12 there. A NaN difference is not zero: it stays NaN.
     """
     diff = x.unsqueeze(0) - x[anchor_start:anchor_stop].unsqueeze(1)  # diff[a, b] = x_b - x_a
     sq = diff.pow(2).sum(dim=2, keepdim=True)
-    nonzero = sq > 0
-    norm = torch.where(nonzero, sq, torch.ones_like(sq)).sqrt().clamp(min=EPS)
-    unit = torch.where(nonzero, diff / norm, torch.zeros_like(diff))
+    coincident = sq == 0
+    norm = torch.where(coincident, torch.ones_like(sq), sq).sqrt().clamp(min=EPS)
+    unit = torch.where(coincident, torch.zeros_like(diff), diff / norm)
     return torch.bmm(unit, unit.transpose(1, 2)).reshape(-1)
 
 

@@ -7,6 +7,10 @@ missing or broken triton only makes status() report the backend unavailable.
 Every relation saves its O(N^2) intermediates (squared distances, normalised rows) for the backward pass; none keeps
 an N x N x D or N^3 buffer. Reductions go through per-program partial sums in float64, summed by torch: the result
 does not depend on the launch order.
+
+The autograd Functions use setup_context, so torch.func.grad works (vmap does not); the intermediates travel as
+extra, non-differentiable outputs of forward. Their backward passes are kernels with no derivative of their own:
+double backward refuses with a clear error (autograd_limits.py).
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import contextlib
 import os
 
 import torch
+
+from .autograd_limits import fused_backward, vmap_refusal
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
 
@@ -136,9 +142,12 @@ def _pair_matmul(w, y, laplacian):
     return out
 
 
-def _grad_from_pair_grad(x, grad_q):
-    """dx_u = 2 sum_v (G_uv + G_vu)(x_u - x_v), on centred x (translation invariant; avoids cancellation)."""
-    return _pair_matmul(grad_q, (x - x.mean(dim=0, keepdim=True)).contiguous(), laplacian=True)
+def _grad_from_pair_grad(x, grad_q, precision=None):
+    """dx_u = 2 sum_v (G_uv + G_vu)(x_u - x_v), on centred x (translation invariant; avoids cancellation), computed in
+    `precision` (default x's dtype) and returned in x's dtype."""
+    xc = x.to(precision or x.dtype)
+    xc = (xc - xc.mean(dim=0, keepdim=True)).contiguous()
+    return _pair_matmul(grad_q.to(xc.dtype), xc, laplacian=True).to(x.dtype)
 
 
 # ------------------------------------------------------------------------------------------------------- distance
@@ -164,8 +173,10 @@ def _distance_tail(qs, qt, scal, zero_diagonal, grad_out=None):
 
 
 class _DistanceLoss(torch.autograd.Function):
+    vmap = vmap_refusal("triton", "rkd_distance_loss")
+
     @staticmethod
-    def forward(ctx, student, teacher, zero_diagonal):
+    def forward(student, teacher, zero_diagonal):
         s, t = _prepare(student), _prepare(teacher)
         n = s.shape[0]
         with _on_device(s):
@@ -178,29 +189,40 @@ class _DistanceLoss(torch.autograd.Function):
         loss_sum, gd_sum = parts.sum(dim=0).unbind()
         # the gradient through mu_s: (sum g d_s) / (mu_s^2 count_s)
         mu_term = gd_sum * inv_s * inv_s / count_s.clamp(min=1.0)
-        ctx.save_for_backward(s, qs, qt, torch.stack([inv_s, inv_t, mu_term]).to(s.dtype))
-        ctx.zero_diagonal = zero_diagonal
-        return (loss_sum / float(n) ** 2).to(s.dtype)
+        return (loss_sum / float(n) ** 2).to(s.dtype), qs, qt, torch.stack([inv_s, inv_t, mu_term]).to(s.dtype)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output):
-        s, qs, qt, scal = ctx.saved_tensors
-        with _on_device(s):
-            grad_q = torch.empty_like(qs)
-            _distance_tail(qs, qt, scal, ctx.zero_diagonal, grad_out=grad_q)
-            dx = _grad_from_pair_grad(s, grad_q)
-        return dx * (grad_output / float(s.shape[0]) ** 2), None, None
+    def setup_context(ctx, inputs, output):
+        student, teacher, zero_diagonal = inputs
+        _, qs, qt, scal = output
+        ctx.mark_non_differentiable(qs, qt, scal)
+        ctx.save_for_backward(student, teacher, qs, qt, scal)
+        ctx.zero_diagonal = zero_diagonal
+
+    @staticmethod
+    def backward(ctx, grad_output, *_intermediates):
+        zero_diagonal = ctx.zero_diagonal
+
+        def compute(student, teacher, qs, qt, scal, grad_output):
+            with _on_device(qs):
+                grad_q = torch.empty_like(qs)
+                _distance_tail(qs, qt, scal, zero_diagonal, grad_out=grad_q)
+                return _grad_from_pair_grad(_prepare(student), grad_q) * (grad_output / float(qs.shape[0]) ** 2)
+
+        tensors = (*ctx.saved_tensors, grad_output)
+        dx = fused_backward(compute, tensors, "triton", "rkd_distance_loss", ("reference", "torch"))
+        return dx, None, None
 
 
 def rkd_distance_loss(student, teacher, zero_diagonal=False):
-    return _DistanceLoss.apply(student, teacher, bool(zero_diagonal))
+    return _DistanceLoss.apply(student, teacher, bool(zero_diagonal))[0]
 
 
 # ---------------------------------------------------------------------------------------------------------- angle
 
 
-def _angle_pass(qs, qt, anchor_start, anchor_stop, grad_q=None):
+def _angle_pass(qs, qt, anchor_start, anchor_stop, grad_q=None, work_f32=False):
+    """q is float64 whatever the features' dtype (see kernels/rkd_angle.py); work_f32 for float32 features."""
     n = qs.shape[0]
     block_a, block, warps = _blocks("angle", qs.dtype)
     tiles = triton.cdiv(n, block)
@@ -208,38 +230,50 @@ def _angle_pass(qs, qt, anchor_start, anchor_stop, grad_q=None):
     parts = torch.zeros(grid[0] * tiles * tiles, dtype=torch.float64, device=qs.device) if grad_q is None else qs
     _k.rkd_angle.angle_triplet_kernel[grid](
         qs, qt, parts, qs if grad_q is None else grad_q, n, anchor_start, anchor_stop,
-        BACKWARD=grad_q is not None, BLOCK_A=block_a, BLOCK=block, num_warps=warps,
+        BACKWARD=grad_q is not None, BLOCK_A=block_a, BLOCK=block, WORK_F32=work_f32, num_warps=warps,
     )  # fmt: skip
     return parts
 
 
 class _AngleLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, student, teacher, anchor_start, anchor_stop):
-        s, t = _prepare(student), _prepare(teacher)
-        n = s.shape[0]
-        ctx.anchors = (anchor_start, anchor_stop)
-        if anchor_stop == anchor_start:
-            ctx.save_for_backward(s, None, None)
-            return s.new_zeros(())
-        with _on_device(s):
-            qs, _ = _sq_distances(s)
-            qt, _ = _sq_distances(t)
-            total = _angle_pass(qs, qt, anchor_start, anchor_stop).sum()
-        ctx.save_for_backward(s, qs, qt)
-        return (total / float(n) ** 3).to(s.dtype)
+    vmap = vmap_refusal("triton", "rkd_angle_loss")
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output):
-        s, qs, qt = ctx.saved_tensors
-        if qs is None:
-            return torch.zeros_like(s), None, None, None
+    def forward(student, teacher, anchor_start, anchor_stop):
+        s, t = _prepare(student), _prepare(teacher)
+        n = s.shape[0]
+        if anchor_stop == anchor_start:
+            empty = s.new_empty((0,))
+            return s.new_zeros(()), empty, empty
         with _on_device(s):
-            grad_q = torch.zeros_like(qs)
-            _angle_pass(qs, qt, *ctx.anchors, grad_q=grad_q)
-            dx = _grad_from_pair_grad(s, grad_q)
-        return dx * (grad_output / float(s.shape[0]) ** 3), None, None, None
+            qs, _ = _sq_distances(s.double())
+            qt, _ = _sq_distances(t.double())
+            total = _angle_pass(qs, qt, anchor_start, anchor_stop, work_f32=s.dtype == torch.float32).sum()
+        return (total / float(n) ** 3).to(s.dtype), qs, qt
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        student, teacher, anchor_start, anchor_stop = inputs
+        _, qs, qt = output
+        ctx.mark_non_differentiable(qs, qt)
+        ctx.save_for_backward(student, teacher, qs, qt)
+        ctx.anchors = (anchor_start, anchor_stop)
+
+    @staticmethod
+    def backward(ctx, grad_output, *_intermediates):
+        anchors = ctx.anchors
+
+        def compute(student, teacher, qs, qt, grad_output):
+            if qs.numel() == 0:  # an empty anchor range
+                return torch.zeros_like(student)
+            s = _prepare(student)
+            with _on_device(qs):
+                grad_q = torch.zeros(qs.shape, dtype=s.dtype, device=qs.device)
+                _angle_pass(qs, qt, *anchors, grad_q=grad_q, work_f32=s.dtype == torch.float32)
+                return _grad_from_pair_grad(s, grad_q, torch.float64) * (grad_output / float(qs.shape[0]) ** 3)
+
+        dx = fused_backward(compute, (*ctx.saved_tensors, grad_output), "triton", "rkd_angle_loss")
+        return dx, None, None, None
 
 
 def rkd_angle_loss(student, teacher, anchor_start=0, anchor_stop=None):
@@ -247,7 +281,7 @@ def rkd_angle_loss(student, teacher, anchor_start=0, anchor_stop=None):
     anchor_stop = n if anchor_stop is None else anchor_stop
     if not (0 <= anchor_start <= anchor_stop <= n):
         raise ValueError(f"anchor range must satisfy 0 <= start <= stop <= N={n}, got ({anchor_start}, {anchor_stop})")
-    return _AngleLoss.apply(student, teacher, int(anchor_start), int(anchor_stop))
+    return _AngleLoss.apply(student, teacher, int(anchor_start), int(anchor_stop))[0]
 
 
 # ---------------------------------------------------------------------------------------- fidelity (classical)
@@ -292,8 +326,10 @@ def _fidelity_backward(psi, norm, w, scale):
 
 
 class _FidelityLoss(torch.autograd.Function):
+    vmap = vmap_refusal("triton", "fidelity_kernel_loss")
+
     @staticmethod
-    def forward(ctx, student, teacher):
+    def forward(student, teacher):
         s, t = _prepare(student), _prepare(teacher)
         if s.shape[1] != t.shape[1]:
             raise ValueError(
@@ -303,47 +339,62 @@ class _FidelityLoss(torch.autograd.Function):
             psi_s, norm_s = _normalize(s)
             psi_t, _ = _normalize(t)
             total = _fidelity_tiles(_k.fidelity.MODE_LOSS, psi_s, pt=psi_t).sum()
-        ctx.save_for_backward(psi_s, norm_s, psi_t)
-        return (total / float(s.shape[0]) ** 2).to(s.dtype)
+        return (total / float(s.shape[0]) ** 2).to(s.dtype), psi_s, norm_s, psi_t
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output):
-        psi_s, norm_s, psi_t = ctx.saved_tensors
-        n = psi_s.shape[0]
-        with _on_device(psi_s):
-            w = torch.empty(n, n, dtype=psi_s.dtype, device=psi_s.device)
-            _fidelity_tiles(_k.fidelity.MODE_GRAD_LOSS, psi_s, pt=psi_t, out=w)
-            dx = _fidelity_backward(psi_s, norm_s, w, grad_output / float(n) ** 2)
+    def setup_context(ctx, inputs, output):
+        _, psi_s, norm_s, psi_t = output
+        ctx.mark_non_differentiable(psi_s, norm_s, psi_t)
+        ctx.save_for_backward(*inputs, psi_s, norm_s, psi_t)
+
+    @staticmethod
+    def backward(ctx, grad_output, *_intermediates):
+        def compute(student, teacher, psi_s, norm_s, psi_t, grad_output):
+            n = psi_s.shape[0]
+            with _on_device(psi_s):
+                w = torch.empty(n, n, dtype=psi_s.dtype, device=psi_s.device)
+                _fidelity_tiles(_k.fidelity.MODE_GRAD_LOSS, psi_s, pt=psi_t, out=w)
+                return _fidelity_backward(psi_s, norm_s, w, grad_output / float(n) ** 2)
+
+        tensors = (*ctx.saved_tensors, grad_output)
+        dx = fused_backward(compute, tensors, "triton", "fidelity_kernel_loss", ("reference", "torch"))
         return dx, None
 
 
 def fidelity_kernel_loss(student, teacher):
-    return _FidelityLoss.apply(student, teacher)
+    return _FidelityLoss.apply(student, teacher)[0]
 
 
 class _FidelityMatrix(torch.autograd.Function):
+    vmap = vmap_refusal("triton", "fidelity_kernel_matrix")
+
     @staticmethod
-    def forward(ctx, x):
+    def forward(x):
         x = _prepare(x)
         n = x.shape[0]
         with _on_device(x):
             psi, norm = _normalize(x)
             k = torch.empty(n, n, dtype=x.dtype, device=x.device)
             _fidelity_tiles(_k.fidelity.MODE_MATRIX, psi, out=k)
-        ctx.save_for_backward(psi, norm)
-        return k
+        return k, psi, norm
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_k):
-        psi, norm = ctx.saved_tensors
-        with _on_device(psi):
-            w = torch.empty(psi.shape[0], psi.shape[0], dtype=psi.dtype, device=psi.device)
-            _fidelity_tiles(_k.fidelity.MODE_GRAD_MATRIX, psi, gk=grad_k.to(psi.dtype).contiguous(), out=w)
-            dx = _fidelity_backward(psi, norm, w, 1.0)
-        return dx
+    def setup_context(ctx, inputs, output):
+        _, psi, norm = output
+        ctx.mark_non_differentiable(psi, norm)
+        ctx.save_for_backward(inputs[0], psi, norm)
+
+    @staticmethod
+    def backward(ctx, grad_k, *_intermediates):
+        def compute(x, psi, norm, grad_k):
+            with _on_device(psi):
+                w = torch.empty(psi.shape[0], psi.shape[0], dtype=psi.dtype, device=psi.device)
+                _fidelity_tiles(_k.fidelity.MODE_GRAD_MATRIX, psi, gk=grad_k.to(psi.dtype).contiguous(), out=w)
+                return _fidelity_backward(psi, norm, w, 1.0)
+
+        tensors = (*ctx.saved_tensors, grad_k)
+        return fused_backward(compute, tensors, "triton", "fidelity_kernel_matrix", ("reference", "torch"))
 
 
 def fidelity_kernel_matrix(x):
-    return _FidelityMatrix.apply(x)
+    return _FidelityMatrix.apply(x)[0]

@@ -44,9 +44,9 @@ def distance_tail_kernel(
     ds = tl.sqrt(tl.where(qs < 1e-12, 1e-12, qs))
     dt = tl.sqrt(tl.where(qt < 1e-12, 1e-12, qt))
     diag = rows_i[:, None] == rows_j[None, :]
-    if ZERO_DIAG:
-        ds = tl.where(diag, 0.0, ds)
-        dt = tl.where(diag, 0.0, dt)
+    if ZERO_DIAG:  # d * 0, not 0: a non-finite row keeps its NaN diagonal (a NaN loss even at N = 1)
+        ds = tl.where(diag, ds * 0.0, ds)
+        dt = tl.where(diag, dt * 0.0, dt)
     u = ds * inv_s - dt * inv_t
     g = tl.where(u > 1.0, 1.0, tl.where(u < -1.0, -1.0, u))
     if BACKWARD:
