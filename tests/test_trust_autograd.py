@@ -214,3 +214,20 @@ def test_vmap_matches_a_loop_or_is_refused(backend, relation):
             assert f"vmap is not supported by backend='{backend}'" in str(exc)
         return
     torch.testing.assert_close(batched, torch.stack([fn(x, t) for x in s]), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fidelity_matrix_double_backward_is_right_or_refused(backend):
+    device = device_of(backend)
+    x, w = features(5, 3, seed=19, device=device), features(5, 5, seed=20, device=device)
+    fn = lambda y: (qrkd.fidelity_kernel_matrix(y, backend=backend) * w).sum()  # noqa: E731
+    if backend in ("reference", "torch"):
+        assert torch.autograd.gradgradcheck(fn, (x.clone().requires_grad_(True),))
+        return
+    y = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(fn(y), y, create_graph=True)
+    y_ref = x.cpu().clone().requires_grad_(True)
+    (g_ref,) = torch.autograd.grad((reference.fidelity_kernel_matrix(y_ref) * w.cpu()).sum(), y_ref)
+    torch.testing.assert_close(g.detach().cpu(), g_ref, rtol=1e-9, atol=1e-12)
+    with pytest.raises(RuntimeError, match=f"double backward.*backend='{backend}'"):
+        g.sum().backward()

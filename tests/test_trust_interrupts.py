@@ -44,7 +44,12 @@ def matrices(n_rows, photons, modes):
     return torch.view_as_complex(torch.randn(n_rows, photons, modes, 2, generator=g)) / modes**0.5
 
 
+leaves = []  # the inputs of the interrupted call: an interrupted backward must leave their .grad untouched
+
+
 def still_right():
+    assert all(leaf.grad is None for leaf in leaves), "an interrupted backward wrote a gradient"
+    leaves.clear()
     s, t = features(9, 3, torch.float64), features(9, 4, torch.float64)
     got = qrkd.rkd_angle_loss(s, t, backend=backend)
     want = qrkd.rkd_angle_loss(s, t, backend="reference")
@@ -63,6 +68,7 @@ def run(phase):
         qrkd.rkd_angle_loss(s, t, backend=backend)
     elif kind == "angle_backward":
         s = features(n, 4).requires_grad_(True)
+        leaves.append(s)
         loss = qrkd.rkd_angle_loss(s, features(n, 31), backend=backend)
         print("started", flush=True)
         loss.backward()
@@ -72,6 +78,7 @@ def run(phase):
         qrkd.photonic_fidelity(P, backend=backend)
     elif kind == "photonic_backward":
         P = matrices(n, photons, photons + 1).requires_grad_(True)
+        leaves.append(P)
         K = qrkd.photonic_fidelity(P, backend=backend)
         print("started", flush=True)
         K.sum().backward()
