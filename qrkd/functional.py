@@ -3,10 +3,10 @@
 The teacher side never receives gradient: it is detached here, before any backend sees it. Half-precision features
 are computed in float32 (the relations divide by distances and norms) and the loss is returned in float32.
 
-Autograd: torch.func.grad works on every backend; torch.func.vmap is refused with an error. Double backward (differentiating a gradient, e.g.
-a gradient penalty) is exact in backend="reference" for every relation and in "torch" for all but the angle loss;
-the other backends compute the first gradient under create_graph=True and raise a RuntimeError naming a backend that
-supports it when that gradient is differentiated. A NaN or inf in the features gives a NaN loss in every backend.
+Autograd: torch.func.grad works on every backend; torch.func.vmap is refused with an error. Double backward
+(differentiating a gradient, e.g. a gradient penalty) is exact in backend="reference" for every relation and in
+"torch" for all but the angle loss; the other backends compute the first gradient under create_graph=True and raise
+a RuntimeError naming a backend that supports it when that gradient is differentiated. A NaN or inf in the features gives a NaN loss in every backend.
 """
 
 from __future__ import annotations

@@ -319,6 +319,35 @@ def _load_state(path, model, optimizer, history, train_loader, epochs: int) -> i
     return state["epoch"]
 
 
+class _StepClock:
+    """Sums the time of the training steps of an epoch. On the CPU with perf_counter; on a GPU with CUDA events,
+    read once at the end of the epoch, so that timing adds no host-device synchronisation per step."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.reset()
+
+    def reset(self):
+        self.total, self.events = 0.0, []
+
+    def start(self):
+        if self.cuda:
+            self.events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+            self.events[-1][0].record()
+        else:
+            self.begun = time.perf_counter()
+
+    def stop(self):
+        if self.cuda:
+            self.events[-1][1].record()
+        else:
+            self.total += time.perf_counter() - self.begun
+
+    def seconds(self) -> float:
+        """The epoch's step time (call after synchronising the device)."""
+        return self.total + sum(begin.elapsed_time(end) for begin, end in self.events) / 1000.0
+
+
 def _fit(model, teacher, weights, train_loader, test_loader, cfg: TrainConfig, name: str, state_path=None,
          run_bar=None):
     device = cfg.torch_device()
@@ -341,7 +370,7 @@ def _fit(model, teacher, weights, train_loader, test_loader, cfg: TrainConfig, n
         first_epoch = _load_state(state_path, model, optimizer, history, train_loader, cfg.epochs)
         if run_bar is not None:
             run_bar.update(first_epoch * batches_per_epoch(train_loader, cfg))
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *_: None)
+    step_clock = _StepClock(device)
 
     for epoch in range(first_epoch, cfg.epochs):
         epoch_start = time.perf_counter()
@@ -350,11 +379,12 @@ def _fit(model, teacher, weights, train_loader, test_loader, cfg: TrainConfig, n
         net.train()
         bar = _progress(train_loader, cfg, f"{name} {epoch + 1}/{cfg.epochs}", ctx)
         sums = torch.zeros(3, dtype=torch.float64, device=device)
-        batches, step_seconds = 0, 0.0
+        batches = 0
+        step_clock.reset()
         for inputs, labels in train_loader:
             if cfg.max_batches is not None and batches >= cfg.max_batches:
                 break
-            step_start = time.perf_counter()  # the step alone: not the loader, not the bars
+            step_clock.start()  # the step alone: not the loader, not the bars
             inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             logits_s, feat_s = net(inputs)
             logits_t = feat_t = None
@@ -366,8 +396,7 @@ def _fit(model, teacher, weights, train_loader, test_loader, cfg: TrainConfig, n
             loss.backward()
             optimizer.step()
             sums += torch.stack([loss.detach(), task.detach(), distill.detach()]).to(sums.dtype)
-            sync(device)
-            step_seconds += time.perf_counter() - step_start
+            step_clock.stop()
             batches += 1
             if bar is not None:
                 bar.update(1)
@@ -375,9 +404,10 @@ def _fit(model, teacher, weights, train_loader, test_loader, cfg: TrainConfig, n
                     bar.set_postfix(loss=f"{sums[0].item() / batches:.4f}")
             if run_bar is not None:
                 run_bar.update(1)
-        sync(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         history["epoch_seconds"].append(time.perf_counter() - epoch_start)
-        history["step_seconds"].append(step_seconds)
+        history["step_seconds"].append(step_clock.seconds())
         means = _all_reduce_mean(sums / max(batches, 1), ctx).tolist()
         for key, value in zip(("loss", "task", "distill"), means):
             history[key].append(value)
