@@ -28,8 +28,7 @@ from .data import DATASETS, IN_CHANNELS, NUM_CLASSES, DataNotFoundError, default
 from .losses import DistillationLoss
 from .models import CheckpointError, StudentCNN, TeacherCNN, load_checkpoint, save_checkpoint
 from .report import LABELS, format_table, markdown_report, plot_accuracy, published_for, summarise
-from .train import (TrainConfig, batches_per_epoch, evaluate, init_distributed, loss_backends, train_student,
-                    train_teacher)
+from .train import TrainConfig, batches_per_epoch, evaluate, init_distributed, train_student, train_teacher
 
 VARIANTS = ("teacher", "scratch", "kd", "rkd", "qrkd", "qrkd-simple", "qrkd-detached")
 DEFAULT_VARIANTS = ("teacher", "scratch", "kd", "rkd", "qrkd")
@@ -259,7 +258,7 @@ def run_seed(seed, args, cfg, device, ctx, out_dir: Path, teacher_ckpt, progress
                             weights, student_name=variant, state_path=seed_dir / f"state_{variant}.pt",
                             run_bar=run_bar)
         wall = sum(out["history"]["wall_seconds"])
-        backends_used = loss_backends(weights, device.type)
+        backends_used = weights.term_backends(device.type)
         results[variant] = _result(out["history"], out["train_acc"], out["test_acc"], wall, backends_used, weights)
         if writer:
             path = seed_dir / f"student_{variant}.pt"
@@ -288,10 +287,7 @@ def _result(history, train_acc, test_acc, wall, backends_used, weights):
         res["train_s_per_epoch"] = sum(history["step_seconds"]) / epochs
         res["s_per_epoch"] = sum(history["wall_seconds"]) / epochs
     if weights is not None:
-        res["weights"] = {"kd": weights.kd, "dr": weights.dr, "ar": weights.ar, "qk": weights.qk,
-                          "qk_backend": weights.qk_backend, "qk_n_modes": weights.qk_n_modes,
-                          "qk_n_photons": weights.qk_n_photons, "qk_detach_student": weights.qk_detach_student,
-                          "temperature": weights.temperature, "kd_alpha": weights.kd_alpha}
+        res["weights"] = weights.settings()
     return res
 
 
@@ -376,9 +372,7 @@ def _run(args) -> int:
     width = min(StudentCNN().feature_dim, TeacherCNN().feature_dim)
     for variant in args.variants:  # builds each loss (and photonic kernel) once: bad options fail before training
         if variant != "teacher":
-            weights = variant_weights(variant, args)
-            if weights.qk > 0:
-                weights._kernel(width, torch.device("cpu"))
+            variant_weights(variant, args).kernel_for(width)
 
     ctx, device = init_distributed(args.device)
     world = ctx.world_size if ctx else 1

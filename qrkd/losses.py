@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import functional as Fq
+from . import backends
+from . import functional
 
 
 def _number(name: str, value) -> float:
@@ -61,7 +62,7 @@ class KDLoss(nn.Module):
         self.temperature, self.alpha = _check_kd_arguments(temperature, alpha, "alpha")
 
     def forward(self, student_logits, teacher_logits):
-        return Fq.kd_loss(student_logits, teacher_logits, self.temperature, self.alpha)
+        return functional.kd_loss(student_logits, teacher_logits, self.temperature, self.alpha)
 
     def extra_repr(self):
         return f"temperature={self.temperature}, alpha={self.alpha}"
@@ -73,7 +74,7 @@ class RKDDistanceLoss(nn.Module):
         self.zero_diagonal, self.backend = _flag("zero_diagonal", zero_diagonal), backend
 
     def forward(self, student, teacher):
-        return Fq.rkd_distance_loss(student, teacher, zero_diagonal=self.zero_diagonal, backend=self.backend)
+        return functional.rkd_distance_loss(student, teacher, zero_diagonal=self.zero_diagonal, backend=self.backend)
 
     def extra_repr(self):
         return f"zero_diagonal={self.zero_diagonal}, backend={self.backend!r}"
@@ -85,7 +86,7 @@ class RKDAngleLoss(nn.Module):
         self.backend = backend
 
     def forward(self, student, teacher):
-        return Fq.rkd_angle_loss(student, teacher, backend=self.backend)
+        return functional.rkd_angle_loss(student, teacher, backend=self.backend)
 
     def extra_repr(self):
         return f"backend={self.backend!r}"
@@ -100,7 +101,7 @@ class FidelityKernelLoss(nn.Module):
         self.kernel, self.backend = kernel, backend
 
     def forward(self, student, teacher):
-        return Fq.fidelity_kernel_loss(student, teacher, kernel=self.kernel, backend=self.backend)
+        return functional.fidelity_kernel_loss(student, teacher, kernel=self.kernel, backend=self.backend)
 
     def extra_repr(self):
         return f"backend={self.backend!r}" + (", kernel='simple'" if isinstance(self.kernel, str) else "")
@@ -116,7 +117,9 @@ class DistillationLoss(nn.Module):
     of MerLin's FidelityKernel.simple (m = qk_n_modes, n = qk_n_photons), computed exactly and with gradient.
     forward(logits_s, logits_t, feat_s, feat_t) returns the weighted sum as a scalar; `last_terms` keeps the
     unweighted terms of the last call (detached) for logging. qk_detach_student=True computes the kernel term on
-    detached student features, as the QRKD research code does: the term then sends no gradient.
+    detached student features, as the QRKD research code does: the term then sends no gradient. This class is the
+    one owner of the list of terms: in data-parallel training, forward(..., shard=) returns this process's part of
+    the global-batch loss (see forward), and term_backends() reports which backend each term runs on.
 
     Weights are finite numbers >= 0, temperature a finite number > 0, kd_alpha in [0, 1], zero_diagonal a bool;
     numpy scalars are taken as the Python numbers they hold, torch tensors are refused (pass `t.item()`).
@@ -169,9 +172,17 @@ class DistillationLoss(nn.Module):
 
     @property
     def uses_teacher(self) -> bool:
+        """Whether any term is on (forward needs the teacher's outputs)."""
         return any(w > 0 for w in (self.kd, self.dr, self.ar, self.qk))
 
-    def _kernel(self, width: int, device):
+    @property
+    def uses_logits(self) -> bool:
+        """Whether forward reads the logits (the KD term is on); when not, they may be None."""
+        return self.kd > 0
+
+    def kernel_for(self, width: int, device="cpu"):
+        """The fidelity kernel of the qk term on features of `width` columns: "simple", or this width's photonic
+        kernel (built on first use on `device`, then kept as a submodule)."""
         if self.qk_backend == "simple":
             return "simple"
         key = str(width)
@@ -227,23 +238,77 @@ class DistillationLoss(nn.Module):
             )
         return PhotonicFidelityKernel.from_merlin(kernel, dtype=torch.float32)
 
-    def forward(self, logits_s, logits_t, feat_s, feat_t):
+    def forward(self, logits_s, logits_t, feat_s, feat_t, *, shard=None):
+        """The weighted sum of the terms that are on, a scalar. logits_* may be None when the KD term is off.
+
+        shard: None for one process. In data-parallel training (K processes, each with its own rows of a global
+        batch), this process's share (qrkd.train.BatchShard): the loss then returns this process's part of the
+        global-batch loss, such that the parts' mean over the processes is the global loss and DDP's gradient
+        average is the global gradient. The KD term, a per-sample mean, is scaled by `shard.mean_scale`; the
+        relational terms see the global batch, the features gathered by `shard.gather` (the student's with its
+        gradient path), and the angle term (O(N^3)) is split by anchors, this process taking `shard.anchors()`
+        with its share multiplied by `shard.world_size`. `last_terms` then holds this process's unweighted parts.
+        """
         terms = {}
         if self.kd > 0:
-            terms["kd"] = (self.kd, Fq.kd_loss(logits_s, logits_t, self.temperature, self.kd_alpha))
+            weight = self.kd if shard is None else self.kd * shard.mean_scale
+            terms["kd"] = (weight, functional.kd_loss(logits_s, logits_t, self.temperature, self.kd_alpha))
+        if shard is not None and (self.dr > 0 or self.ar > 0 or self.qk > 0):
+            feat_s, feat_t = shard.gather(feat_s, with_grad=True), shard.gather(feat_t, with_grad=False)
         if self.dr > 0:
-            loss = Fq.rkd_distance_loss(feat_s, feat_t, zero_diagonal=self.zero_diagonal, backend=self.backend)
+            loss = functional.rkd_distance_loss(feat_s, feat_t, zero_diagonal=self.zero_diagonal,
+                                                backend=self.backend)
             terms["rkd_distance"] = (self.dr, loss)
         if self.ar > 0:
-            terms["rkd_angle"] = (self.ar, Fq.rkd_angle_loss(feat_s, feat_t, backend=self.backend))
+            if shard is None:
+                terms["rkd_angle"] = (self.ar, functional.rkd_angle_loss(feat_s, feat_t, backend=self.backend))
+            else:
+                share = functional.rkd_angle_loss(feat_s, feat_t, backend=self.backend, anchors=shard.anchors())
+                terms["rkd_angle"] = (self.ar * shard.world_size, share)
         if self.qk > 0:
-            kernel = self._kernel(min(feat_s.shape[-1], feat_t.shape[-1]), feat_s.device)
+            kernel = self.kernel_for(min(feat_s.shape[-1], feat_t.shape[-1]), feat_s.device)
             feat_qk = feat_s.detach() if self.qk_detach_student else feat_s
-            terms["qk"] = (self.qk, Fq.fidelity_kernel_loss(feat_qk, feat_t, kernel=kernel, backend=self.backend))
+            terms["qk"] = (self.qk, functional.fidelity_kernel_loss(feat_qk, feat_t, kernel=kernel,
+                                                                    backend=self.backend))
         self.last_terms = {name: loss.detach() for name, (_, loss) in terms.items()}
         if not terms:
             return feat_s.new_zeros(())
         return sum(weight * loss for weight, loss in terms.values())
+
+    def term_backends(self, device_type: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+        """Which backend each term that is on runs on for features of `dtype` on `device_type`: what this loss's
+        `backend` ("auto": $QRKD_BACKEND, else the automatic pick) resolves to here. {term: backend name}, with the
+        kernel term named by its kernel; empty when no term is on."""
+        chosen = self.backend
+        if chosen == "auto":
+            chosen = backends.env_backend() or "auto"
+
+        def pick(op, op_dtype=dtype):
+            return backends.auto_backend_name(op, device_type, op_dtype) if chosen == "auto" else chosen
+
+        out = {}
+        if self.kd > 0:
+            out["kd"] = "torch (eager)"
+        if self.dr > 0:
+            out["rkd_distance"] = pick("rkd_distance_loss")
+        if self.ar > 0:
+            out["rkd_angle"] = pick("rkd_angle_loss")
+        if self.qk > 0:
+            if self.qk_backend == "simple":
+                out["fidelity_kernel(simple)"] = pick("fidelity_kernel_loss")
+            else:
+                complex_dtype = torch.complex128 if dtype == torch.float64 else torch.complex64
+                detached = ", student detached" if self.qk_detach_student else ""
+                name = f"fidelity_kernel(merlin m={self.qk_n_modes} n={self.qk_n_photons}{detached})"
+                out[name] = pick("photonic_fidelity", complex_dtype)
+        return out
+
+    def settings(self) -> dict:
+        """The arguments that set the terms: weights, kernel, temperature (what an experiment's results record)."""
+        return {"kd": self.kd, "dr": self.dr, "ar": self.ar, "qk": self.qk, "qk_backend": self.qk_backend,
+                "qk_n_modes": self.qk_n_modes, "qk_n_photons": self.qk_n_photons,
+                "qk_detach_student": self.qk_detach_student, "temperature": self.temperature,
+                "kd_alpha": self.kd_alpha}
 
     def extra_repr(self):
         return (

@@ -12,11 +12,12 @@ they equal those of one process on the concatenated (global) batch:
   gradient over processes and keeps this process's rows), teacher features without. RKD distance and the kernel
   term are computed whole on every process (O(N^2)); the angle loss (O(N^3)) is split by anchors, process r taking
   a contiguous 1/K of them, and its share is multiplied by K.
+The trainer scales its cross-entropy and hands DistillationLoss a BatchShard (this process's rows of the global
+batch: the scale, the gathers, the anchors); the loss applies these rules to its own terms.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -27,8 +28,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from . import backends
-from . import functional as Fq
 from .losses import DistillationLoss
 
 HISTORY_KEYS = ("loss", "task", "distill", "train_acc", "test_acc")
@@ -172,42 +171,51 @@ def gather_features(x, ctx: DistContext, sizes=None, *, with_grad: bool):
         return _all_gather_rows(x.detach(), sizes, ctx)
 
 
+@dataclass(frozen=True)
+class BatchShard:
+    """This process's rows of a global batch split over the processes of `ctx` (`sizes`: every process's number of
+    rows): what DistillationLoss(..., shard=) needs to return this process's part of the global-batch loss."""
+
+    ctx: DistContext
+    sizes: tuple
+
+    @classmethod
+    def of(cls, n_local: int, ctx: DistContext, device) -> BatchShard:
+        """The shard of this process's n_local rows. Collective: every process calls it."""
+        return cls(ctx, tuple(_gather_sizes(n_local, ctx, device)))
+
+    @property
+    def world_size(self) -> int:
+        return self.ctx.world_size
+
+    @property
+    def mean_scale(self) -> float:
+        """The factor that turns a mean over this process's rows into its part of the mean over the global batch
+        (after DDP's average over the processes)."""
+        return self.ctx.world_size * self.sizes[self.ctx.rank] / sum(self.sizes)
+
+    def anchors(self) -> tuple[int, int]:
+        """This process's contiguous share of the global batch's anchors (for the O(N^3) angle loss)."""
+        return anchor_range(sum(self.sizes), self.ctx.rank, self.ctx.world_size)
+
+    def gather(self, x, *, with_grad: bool):
+        """The global batch of x's rows (with_grad=True keeps the autograd path to this process's rows)."""
+        return gather_features(x, self.ctx, list(self.sizes), with_grad=with_grad)
+
+
 def step_losses(weights: DistillationLoss, logits_s, labels, feat_s, logits_t=None, feat_t=None, ctx=None):
     """(total, task, distill) of one student step. Without ctx: cross-entropy + weights(...) on this batch. With a
-    DistContext: this process's part of the global-batch loss (module docstring); the parts' mean over processes is
-    the global loss, and DDP's gradient average gives the global gradient."""
+    DistContext: this process's part of the global-batch loss (module docstring), the distillation part from
+    weights(..., shard=); the parts' mean over processes is the global loss, and DDP's gradient average gives the
+    global gradient."""
     use_teacher = weights is not None and weights.uses_teacher
     if use_teacher and (logits_t is None or feat_t is None):
         raise ValueError("these distillation weights need a teacher's logits and features")
-    if ctx is None:
-        task = F.cross_entropy(logits_s, labels)
-        distill = weights(logits_s, logits_t, feat_s, feat_t) if use_teacher else task.new_zeros(())
-        return task + distill, task, distill
-
-    sizes = _gather_sizes(logits_s.shape[0], ctx, logits_s.device)
-    n_global = sum(sizes)
-    scale = ctx.world_size * logits_s.shape[0] / n_global  # local means -> global mean after DDP's average
-    task = F.cross_entropy(logits_s, labels) * scale
-    distill = task.new_zeros(())
-    if use_teacher:
-        if weights.kd > 0:
-            distill = distill + weights.kd * scale * Fq.kd_loss(logits_s, logits_t, weights.temperature,
-                                                                 weights.kd_alpha)
-        if weights.dr > 0 or weights.ar > 0 or weights.qk > 0:
-            s_all = gather_features(feat_s, ctx, sizes, with_grad=True)
-            t_all = gather_features(feat_t, ctx, sizes, with_grad=False)
-            if weights.dr > 0:
-                distill = distill + weights.dr * Fq.rkd_distance_loss(
-                    s_all, t_all, zero_diagonal=weights.zero_diagonal, backend=weights.backend)
-            if weights.ar > 0:
-                anchors = anchor_range(n_global, ctx.rank, ctx.world_size)
-                share = Fq.rkd_angle_loss(s_all, t_all, backend=weights.backend, anchors=anchors)
-                distill = distill + weights.ar * ctx.world_size * share
-            if weights.qk > 0:
-                kernel = weights._kernel(min(s_all.shape[1], t_all.shape[1]), s_all.device)
-                s_qk = s_all.detach() if weights.qk_detach_student else s_all
-                distill = distill + weights.qk * Fq.fidelity_kernel_loss(s_qk, t_all, kernel=kernel,
-                                                                         backend=weights.backend)
+    shard = None if ctx is None else BatchShard.of(logits_s.shape[0], ctx, logits_s.device)
+    task = F.cross_entropy(logits_s, labels)
+    if shard is not None:
+        task = task * shard.mean_scale  # local mean -> this process's part of the global mean
+    distill = weights(logits_s, logits_t, feat_s, feat_t, shard=shard) if use_teacher else task.new_zeros(())
     return task + distill, task, distill
 
 
@@ -474,36 +482,3 @@ def train_student(student: nn.Module, teacher, train_loader, test_loader, cfg: T
                           cfg, student_name or "student", state_path, run_bar)
     return {"test_acc": history["test_acc"][-1], "train_acc": history["train_acc"][-1], "history": history,
             "model": model}
-
-
-def loss_backends(weights: DistillationLoss, device_type: str = "cpu", dtype=torch.float32) -> dict:
-    """Which backend each distillation term of `weights` runs on (what "auto" resolves to here)."""
-    if weights is None or not weights.uses_teacher:
-        return {}
-    chosen = weights.backend
-    if chosen == "auto":
-        chosen = os.environ.get("QRKD_BACKEND", "auto") or "auto"
-
-    def pick(op, dt=dtype):
-        return backends.auto_backend_name(op, device_type, dt) if chosen == "auto" else chosen
-
-    out = {}
-    if weights.kd > 0:
-        out["kd"] = "torch (eager)"
-    if weights.dr > 0:
-        out["rkd_distance"] = pick("rkd_distance_loss")
-    if weights.ar > 0:
-        out["rkd_angle"] = pick("rkd_angle_loss")
-    if weights.qk > 0:
-        if weights.qk_backend == "simple":
-            out["fidelity_kernel(simple)"] = pick("fidelity_kernel_loss")
-        else:
-            complex_dtype = torch.complex128 if dtype == torch.float64 else torch.complex64
-            detached = ", student detached" if weights.qk_detach_student else ""
-            out[f"fidelity_kernel(merlin m={weights.qk_n_modes} n={weights.qk_n_photons}{detached})"] = pick(
-                "photonic_fidelity", complex_dtype)
-    return out
-
-
-def config_dict(cfg: TrainConfig) -> dict:
-    return dataclasses.asdict(cfg)

@@ -109,6 +109,47 @@ def test_distillation_loss_rejects_bad_weights():
         qrkd.DistillationLoss(qk_backend="quantum")
 
 
+def test_distillation_loss_reports_the_backend_of_each_term(monkeypatch):
+    monkeypatch.delenv("QRKD_BACKEND", raising=False)
+    simple = qrkd.DistillationLoss(**SEED_WEIGHTS["qrkd_simple"])
+    auto = {op: backends.auto_backend_name(op, "cpu", torch.float32)
+            for op in ("rkd_distance_loss", "rkd_angle_loss", "fidelity_kernel_loss")}
+    assert simple.term_backends("cpu") == {"kd": "torch (eager)", "rkd_distance": auto["rkd_distance_loss"],
+                                           "rkd_angle": auto["rkd_angle_loss"],
+                                           "fidelity_kernel(simple)": auto["fidelity_kernel_loss"]}
+    fixed = qrkd.DistillationLoss(**SEED_WEIGHTS["rkd"], backend="reference")
+    assert fixed.term_backends("cpu") == {"rkd_distance": "reference", "rkd_angle": "reference"}
+    monkeypatch.setenv("QRKD_BACKEND", "torch")  # replaces "auto", not a backend the loss names
+    assert set(simple.term_backends("cpu").values()) == {"torch (eager)", "torch"}
+    assert fixed.term_backends("cpu") == {"rkd_distance": "reference", "rkd_angle": "reference"}
+    photonic = qrkd.DistillationLoss(kd=0.0, dr=0.0, ar=0.0, qk=0.1, qk_backend="merlin", qk_n_modes=6,
+                                     qk_n_photons=3, qk_detach_student=True)
+    assert photonic.term_backends("cpu", torch.float64) == {
+        "fidelity_kernel(merlin m=6 n=3, student detached)": "torch"}  # QRKD_BACKEND=torch
+    monkeypatch.delenv("QRKD_BACKEND")
+    assert photonic.term_backends("cpu", torch.float64) == {
+        "fidelity_kernel(merlin m=6 n=3, student detached)": backends.auto_backend_name("photonic_fidelity", "cpu",
+                                                                                         torch.complex128)}
+    assert qrkd.DistillationLoss(**SEED_WEIGHTS["scratch"]).term_backends("cpu") == {}
+
+
+def test_distillation_loss_kernel_logits_and_settings():
+    simple = qrkd.DistillationLoss(**SEED_WEIGHTS["qrkd_simple"])
+    assert simple.kernel_for(4) == "simple" and len(simple.kernels) == 0
+    photonic = qrkd.DistillationLoss(kd=0.0, dr=0.1, ar=0.0, qk=0.1, qk_backend="merlin", qk_n_modes=6,
+                                     qk_n_photons=3)
+    kernel = photonic.kernel_for(4)
+    assert isinstance(kernel, qrkd.PhotonicFidelityKernel) and kernel.n_modes == 6 and kernel.n_photons == 3
+    assert photonic.kernel_for(4, "cpu") is kernel and list(photonic.kernels) == ["4"]  # built once per width
+    assert simple.uses_logits and not photonic.uses_logits and photonic.uses_teacher
+    feat_s, feat_t = torch.randn(6, 4), torch.randn(6, 5)
+    photonic(None, None, feat_s, feat_t)  # logits are not read when the KD term is off
+    assert set(photonic.last_terms) == {"rkd_distance", "qk"}
+    assert photonic.settings() == {"kd": 0.0, "dr": 0.1, "ar": 0.0, "qk": 0.1, "qk_backend": "merlin",
+                                   "qk_n_modes": 6, "qk_n_photons": 3, "qk_detach_student": False,
+                                   "temperature": 4.0, "kd_alpha": 0.5}
+
+
 # ------------------------------------------------------------------------------------------------------- bad input
 
 

@@ -5,6 +5,7 @@ unequal per-process batches, and two epochs of train_student under DDP with a Di
 weights and accuracies must equal a single-process run over the same global batches. All in float64.
 """
 
+import dataclasses
 import socket
 
 import pytest
@@ -15,7 +16,8 @@ from torch.utils.data.distributed import DistributedSampler
 
 from qrkd import DistillationLoss
 from qrkd.models import StudentCNN, TeacherCNN
-from qrkd.train import TrainConfig, anchor_range, dist_context, step_losses, train_student
+from qrkd.train import (BatchShard, DistContext, TrainConfig, anchor_range, dist_context, step_losses,
+                        train_student)
 
 WORLD = 2
 CASES = {"equal": (4, 4), "unequal": (5, 3)}
@@ -167,3 +169,47 @@ def test_anchor_ranges_partition():
             ranges = [anchor_range(n, r, world) for r in range(world)]
             assert ranges[0][0] == 0 and ranges[-1][1] == n
             assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+
+
+@dataclasses.dataclass(frozen=True)
+class _InProcessShard(BatchShard):
+    """A BatchShard whose gathers return the global batch held here: K processes' parts computed in one process."""
+
+    student_all: torch.Tensor = None
+    teacher_all: torch.Tensor = None
+
+    def gather(self, x, *, with_grad):
+        return self.student_all if with_grad else self.teacher_all
+
+
+@pytest.mark.parametrize("qk_backend", ["simple", "merlin"])
+def test_loss_parts_over_shards_add_up_to_the_global_loss(qk_backend):
+    """DistillationLoss(..., shard=) on each process's rows: the parts' mean is the loss of the global batch, and its
+    gradient the global gradient (what DDP's average makes of the parts)."""
+    sizes = (5, 3, 4)
+    g = torch.Generator().manual_seed(4)
+    n = sum(sizes)
+    logits_s = torch.randn(n, 10, generator=g, dtype=torch.float64, requires_grad=True)
+    logits_t = torch.randn(n, 10, generator=g, dtype=torch.float64)
+    feat_s = torch.randn(n, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    feat_t = torch.randn(n, 6, generator=g, dtype=torch.float64)
+    loss = DistillationLoss(kd=0.5, dr=0.1, ar=0.1, qk=0.1, qk_backend=qk_backend, qk_n_modes=5, qk_n_photons=2)
+    whole = loss(logits_s, logits_t, feat_s, feat_t)
+    want = torch.autograd.grad(whole, (logits_s, feat_s))
+    parts = []
+    for rank in range(len(sizes)):
+        shard = _InProcessShard(DistContext(rank, len(sizes)), sizes, feat_s, feat_t)
+        rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+        parts.append(loss(logits_s[rows], logits_t[rows], feat_s[rows], feat_t[rows], shard=shard))
+        assert set(loss.last_terms) == {"kd", "rkd_distance", "rkd_angle", "qk"}
+    mean = sum(parts) / len(sizes)
+    torch.testing.assert_close(mean, whole, rtol=1e-12, atol=0)
+    for got, expected in zip(torch.autograd.grad(mean, (logits_s, feat_s)), want):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-14)
+
+
+def test_batch_shard_scale_and_anchors():
+    shard = BatchShard(DistContext(1, 3), (5, 3, 4))
+    assert shard.world_size == 3
+    assert shard.mean_scale == 3 * 3 / 12
+    assert shard.anchors() == anchor_range(12, 1, 3) == (4, 8)

@@ -26,7 +26,7 @@ from torch import nn
 from torchdistill.losses.registry import register_mid_level_loss
 from torchdistill.models.registry import register_model
 
-from .. import functional as Fq
+from .. import functional
 from ..losses import DistillationLoss as _DistillationLoss
 from ..models import StudentCNN, TeacherCNN, load_checkpoint
 
@@ -95,10 +95,11 @@ class RKDLoss(nn.Module):
         n = student.shape[0]
         terms = []
         if self.dist_factor:
-            distance = Fq.rkd_distance_loss(student, teacher, zero_diagonal=self.zero_diagonal, backend=self.backend)
+            distance = functional.rkd_distance_loss(student, teacher, zero_diagonal=self.zero_diagonal,
+                                                    backend=self.backend)
             terms.append(self.dist_factor * (distance * n**2 if self.reduction == "sum" else distance))
         if self.angle_factor:
-            angle = Fq.rkd_angle_loss(student, teacher, backend=self.backend)
+            angle = functional.rkd_angle_loss(student, teacher, backend=self.backend)
             terms.append(self.angle_factor * (angle * n**3 if self.reduction == "sum" else angle))
         if not terms:
             return student.new_zeros((), dtype=torch.promote_types(student.dtype, torch.float32))
@@ -165,7 +166,7 @@ class DistillationLoss(nn.Module):
         return self.loss.last_terms
 
     def forward(self, student_io_dict, teacher_io_dict, *args, **kwargs):
-        needs_logits = self.loss.kd > 0
+        needs_logits = self.loss.uses_logits
         logits_s = student_io_dict[self.student_logits_path]["output"] if needs_logits else None
         logits_t = teacher_io_dict[self.teacher_logits_path]["output"] if needs_logits else None
         feat_s = _flat_output(student_io_dict, self.student_feature_path)
