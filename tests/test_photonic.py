@@ -352,7 +352,7 @@ def test_from_merlin_rejects_other_objects():
 
 def _qk_term(crit, fs, ft):
     width = min(fs.shape[1], ft.shape[1])
-    return qrkd.fidelity_kernel_loss(fs, ft, kernel=crit._kernel(width, fs.device))
+    return qrkd.fidelity_kernel_loss(fs, ft, kernel=crit.kernel_for(width, fs.device))
 
 
 def test_seed_qrkd_configuration_sends_student_gradient():
@@ -390,13 +390,13 @@ def test_seed_qrkd_configuration_sends_student_gradient():
 def test_distillation_kernel_is_seeded():
     a = qrkd.DistillationLoss(qk=0.1, qk_backend="merlin", qk_n_modes=10, qk_n_photons=5, qk_seed=3)
     b = qrkd.DistillationLoss(qk=0.1, qk_backend="merlin", qk_n_modes=10, qk_n_photons=5, qk_seed=3)
-    assert torch.equal(a._kernel(4, "cpu").unitary, b._kernel(4, "cpu").unitary)
+    assert torch.equal(a.kernel_for(4, "cpu").unitary, b.kernel_for(4, "cpu").unitary)
 
 
 @needs_merlin
 def test_distillation_from_merlin_matches_merlin_kernel():
     crit = qrkd.DistillationLoss(qk=0.1, qk_backend="merlin", qk_n_modes=6, qk_n_photons=3, qk_from_merlin=True)
-    k = crit._kernel(3, "cpu")
+    k = crit.kernel_for(3, "cpu")
     torch.manual_seed(crit.qk_seed + 3)  # the rule _build_photonic_kernel uses
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
