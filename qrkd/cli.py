@@ -36,18 +36,23 @@ def cmd_info(args) -> int:
     return 0
 
 
+# compare and bench own their options: their modules parse the rest of the command line (name: (module, help))
+_FORWARDED = {
+    "compare": ("qrkd.experiment", "the seed experiment: teacher + students, table, plots"),
+    "bench": ("qrkd.benchmark", "benchmark sweep: every kernel against its references"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qrkd", description="Relational knowledge-distillation losses and experiments")
+    parser = argparse.ArgumentParser(prog="qrkd",
+                                     description="Relational knowledge-distillation losses and experiments")
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="versions, backends and what `auto` picks")
     info.set_defaults(func=cmd_info)
-    # compare and bench own their options: their modules parse the rest of the command line
-    compare = sub.add_parser("compare", help="the seed experiment: teacher + students, table, plots", add_help=False)
-    compare.add_argument("rest", nargs=argparse.REMAINDER)
-    compare.set_defaults(func=lambda args: _forward("qrkd.experiment", args.rest))
-    bench = sub.add_parser("bench", help="benchmark sweep: every kernel against its references", add_help=False)
-    bench.add_argument("rest", nargs=argparse.REMAINDER)
-    bench.set_defaults(func=lambda args: _forward("qrkd.benchmark", args.rest))
+    for name, (module, help_text) in _FORWARDED.items():
+        forwarded = sub.add_parser(name, help=help_text, add_help=False)
+        forwarded.add_argument("rest", nargs=argparse.REMAINDER)
+        forwarded.set_defaults(func=lambda args, module=module: _forward(module, args.rest))
     return parser
 
 
@@ -57,14 +62,11 @@ def _forward(module: str, argv) -> int:
     return int(importlib.import_module(module).main(list(argv)) or 0)
 
 
-_FORWARDED = {"compare": "qrkd.experiment", "bench": "qrkd.benchmark"}
-
-
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # argparse's REMAINDER does not capture a rest that starts with an option (`qrkd bench --quick`): forward first
     if argv and argv[0] in _FORWARDED:
-        return _forward(_FORWARDED[argv[0]], argv[1:])
+        return _forward(_FORWARDED[argv[0]][0], argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 
