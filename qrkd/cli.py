@@ -37,7 +37,7 @@ def cmd_info(args) -> int:
 
 
 # compare and bench own their options: their modules parse the rest of the command line (name: (module, help))
-_FORWARDED = {
+_FORWARDED_COMMANDS = {
     "compare": ("qrkd.experiment", "the seed experiment: teacher + students, table, plots"),
     "bench": ("qrkd.benchmark", "benchmark sweep: every kernel against its references"),
 }
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="versions, backends and what `auto` picks")
     info.set_defaults(func=cmd_info)
-    for name, (module, help_text) in _FORWARDED.items():
+    for name, (module, help_text) in _FORWARDED_COMMANDS.items():
         forwarded = sub.add_parser(name, help=help_text, add_help=False)
         forwarded.add_argument("rest", nargs=argparse.REMAINDER)
         forwarded.set_defaults(func=lambda args, module=module: _forward(module, args.rest))
@@ -65,8 +65,8 @@ def _forward(module: str, argv) -> int:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # argparse's REMAINDER does not capture a rest that starts with an option (`qrkd bench --quick`): forward first
-    if argv and argv[0] in _FORWARDED:
-        return _forward(_FORWARDED[argv[0]][0], argv[1:])
+    if argv and argv[0] in _FORWARDED_COMMANDS:
+        return _forward(_FORWARDED_COMMANDS[argv[0]][0], argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 
