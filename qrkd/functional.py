@@ -172,7 +172,7 @@ def fidelity_kernel_loss(student, teacher, *, kernel="simple", backend: str = "a
     return impl.fidelity_kernel_loss(student.contiguous(), teacher.contiguous())
 
 
-PHOTONIC_MAX_PHOTONS = 12
+PHOTONIC_MAX_PHOTONS = 12  # photons per state; the C++ side's limit is kMaxPhotons in csrc/photonic.h
 
 
 def _check_photonic_matrices(name: str, x) -> torch.Tensor:

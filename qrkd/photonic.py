@@ -19,9 +19,9 @@ import warnings
 import torch
 from torch import nn
 
-from . import functional as Fq
+from . import functional
 
-MAX_PHOTONS = 12
+MAX_PHOTONS = functional.PHOTONIC_MAX_PHOTONS
 
 
 def haar_unitary(m: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -274,7 +274,7 @@ class PhotonicFidelityKernel(nn.Module):
         return torch.promote_types(x.dtype, self.dtype) if x.dtype in (torch.float32, torch.float64) else self.dtype
 
     def _check_x(self, name: str, x) -> torch.Tensor:
-        Fq.check_features(name, x)
+        functional.check_features(name, x)
         if x.shape[1] != self.input_size:
             raise ValueError(
                 f"{name} must have input_size={self.input_size} feature columns, got shape {tuple(x.shape)}"
@@ -298,11 +298,11 @@ class PhotonicFidelityKernel(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, *, backend: str = "auto") -> torch.Tensor:
         x = self._check_x("x", x)
         if y is None:
-            k = Fq.photonic_fidelity(self.matrices(x), backend=backend)
+            k = functional.photonic_fidelity(self.matrices(x), backend=backend)
         else:
             y = self._check_x("y", y)
             dtype = torch.promote_types(self._working_dtype(x), self._working_dtype(y))
-            k = Fq.photonic_fidelity(self.matrices(x, dtype), self.matrices(y, dtype), backend=backend)
+            k = functional.photonic_fidelity(self.matrices(x, dtype), self.matrices(y, dtype), backend=backend)
         norm = self.normalisation
         return k if norm == 1.0 else k / norm**2
 

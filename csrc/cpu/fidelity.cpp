@@ -163,12 +163,6 @@ at::Tensor fidelity_matrix_backward_cpu(const at::Tensor& grad_k, const at::Tens
 }  // namespace
 }  // namespace qrkd
 
-TORCH_LIBRARY_FRAGMENT(qrkd, m) {
-  m.def("fidelity_loss(Tensor student, Tensor teacher, bool with_grad) -> (Tensor, Tensor)");
-  m.def("fidelity_matrix(Tensor x) -> Tensor");
-  m.def("fidelity_matrix_backward(Tensor grad, Tensor x) -> Tensor");
-}
-
 TORCH_LIBRARY_IMPL(qrkd, CPU, m) {
   m.impl("fidelity_loss", &qrkd::fidelity_loss_cpu);
   m.impl("fidelity_matrix", &qrkd::fidelity_matrix_cpu);

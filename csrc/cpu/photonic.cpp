@@ -14,8 +14,9 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "common.h"
 #include "interrupt.h"
-#include "photonic_dispatch.h"
+#include "photonic.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -29,7 +30,6 @@
 namespace qrkd_photonic {
 
 constexpr int kLanes = 8;
-constexpr int kMaxPhotons = 12;
 // cache tiles: a task is kTileRows rows of P, walked against kTileBlocks lane blocks of Q at a time (~200 KB of Q at
 // n = 5, m = 10), so that a large Q is read from L2 once per tile rather than once per row
 constexpr int64_t kTileRows = 16;
@@ -376,38 +376,13 @@ static void unpack_lanes(const std::vector<double>& re, const std::vector<double
   }
 }
 
-// out[j][i] = out[i][j] for j > i, in 64 x 64 tiles (serial: a copy; torch's triu/transpose ops would start threads)
-static void mirror_upper(double* out, int64_t N) {
-  constexpr int64_t T = 64;
-  for (int64_t i0 = 0; i0 < N; i0 += T)
-    for (int64_t j0 = i0; j0 < N; j0 += T)
-      for (int64_t i = i0; i < std::min(N, i0 + T); ++i)
-        for (int64_t j = std::max(j0, i + 1); j < std::min(N, j0 + T); ++j) out[j * N + i] = out[i * N + j];
-}
-
-// g + g^T (N x N, double), serially, for the symmetric backward
-static at::Tensor symmetrised(const at::Tensor& g) {
-  const int64_t N = g.size(0);
-  at::Tensor out = at::empty_like(g);
-  const double* src = g.data_ptr<double>();
-  double* dst = out.data_ptr<double>();
-  for (int64_t i = 0; i < N; ++i)
-    for (int64_t j = i; j < N; ++j) dst[i * N + j] = dst[j * N + i] = src[i * N + j] + src[j * N + i];
-  return out;
-}
-
-static void check_pair(const at::Tensor& P, const at::Tensor& Q, const char* op) {
-  TORCH_CHECK(P.dim() == 3 && Q.dim() == 3, op, ": P and Q must be 3-D (batch, photons, modes)");
-  TORCH_CHECK(P.size(1) == Q.size(1) && P.size(2) == Q.size(2), op, ": P and Q must agree in their last two sizes");
-  TORCH_CHECK(P.is_complex() && Q.is_complex(), op, ": P and Q must be complex");
-  TORCH_CHECK(P.size(1) >= 1 && P.size(1) <= kMaxPhotons, op, ": the photon count must be in 1..", kMaxPhotons,
-              ", got ", P.size(1));
+static void check_devices(const at::Tensor& P, const at::Tensor& Q, const char* op) {
   TORCH_CHECK(P.device().is_cpu() && Q.device().is_cpu(), op, ": CPU tensors expected");
 }
 
 at::Tensor photonic_fidelity_cpu(const at::Tensor& P, const at::Tensor& Q, bool symmetric) {
-  check_pair(P, Q, "photonic_fidelity");
-  TORCH_CHECK(!symmetric || P.size(0) == Q.size(0), "photonic_fidelity: symmetric needs Q of P's size");
+  qrkd::check_photonic_matrices(P, Q, symmetric, "photonic_fidelity");
+  check_devices(P, Q, "photonic_fidelity");
   const int64_t N = P.size(0), M = Q.size(0), n = P.size(1), m = P.size(2);
   const auto real_dtype = c10::toRealValueType(P.scalar_type());
   const at::Tensor p = P.to(at::kComplexDouble).contiguous();
@@ -420,22 +395,25 @@ at::Tensor photonic_fidelity_cpu(const at::Tensor& P, const at::Tensor& Q, bool 
     QRKD_PHOTONIC_DISPATCH(n, forward_impl, p.data_ptr<c10::complex<double>>(), qre, qim, N, M, m, symmetric,
                            out.data_ptr<double>(), interrupt);
     interrupt.rethrow();
-    if (symmetric) mirror_upper(out.data_ptr<double>(), N);
+    if (symmetric) qrkd::mirror_upper(out.data_ptr<double>(), N);
   }
   return out.to(real_dtype);
 }
 
 std::tuple<at::Tensor, at::Tensor> photonic_fidelity_backward_cpu(const at::Tensor& grad, const at::Tensor& P,
                                                                    const at::Tensor& Q, bool symmetric) {
-  check_pair(P, Q, "photonic_fidelity_backward");
-  TORCH_CHECK(!symmetric || P.size(0) == Q.size(0), "photonic_fidelity_backward: symmetric needs Q of P's size");
+  qrkd::check_photonic_matrices(P, Q, symmetric, "photonic_fidelity_backward");
+  check_devices(P, Q, "photonic_fidelity_backward");
   const int64_t N = P.size(0), M = Q.size(0), n = P.size(1), m = P.size(2);
-  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == N && grad.size(1) == M,
-              "photonic_fidelity_backward: grad must be N x M");
+  qrkd::check_photonic_grad(grad, P, Q);
   const at::Tensor p = P.to(at::kComplexDouble).contiguous();
   const at::Tensor q = Q.to(at::kComplexDouble).contiguous();
   at::Tensor g = grad.to(at::kDouble).contiguous();
-  if (symmetric) g = symmetrised(g);
+  if (symmetric) {  // G + G^T, on a copy
+    g = g.clone();
+    qrkd::symmetrise_sum(g.data_ptr<double>(), N);
+    for (int64_t i = 0; i < N; ++i) g.data_ptr<double>()[i * N + i] *= 2.0;  // the diagonal pair's P role only
+  }
   at::Tensor grad_p = at::zeros({N, n, m}, P.options().dtype(at::kComplexDouble));
   at::Tensor grad_q = symmetric ? at::zeros({0, n, m}, grad_p.options()) : at::zeros({M, n, m}, grad_p.options());
   if (N > 0 && M > 0) {
@@ -455,11 +433,6 @@ std::tuple<at::Tensor, at::Tensor> photonic_fidelity_backward_cpu(const at::Tens
 }
 
 }  // namespace qrkd_photonic
-
-TORCH_LIBRARY_FRAGMENT(qrkd, m) {
-  m.def("photonic_fidelity(Tensor P, Tensor Q, bool symmetric) -> Tensor");
-  m.def("photonic_fidelity_backward(Tensor grad, Tensor P, Tensor Q, bool symmetric) -> (Tensor, Tensor)");
-}
 
 TORCH_LIBRARY_IMPL(qrkd, CPU, m) {
   m.impl("photonic_fidelity", &qrkd_photonic::photonic_fidelity_cpu);

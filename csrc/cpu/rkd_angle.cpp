@@ -244,12 +244,6 @@ std::tuple<at::Tensor, at::Tensor> rkd_angle_cpu(const at::Tensor& student, cons
 }  // namespace
 }  // namespace qrkd
 
-TORCH_LIBRARY_FRAGMENT(qrkd, m) {
-  m.def(
-      "rkd_angle(Tensor student, Tensor teacher, int anchor_start, int anchor_stop, bool with_grad) "
-      "-> (Tensor, Tensor)");
-}
-
 TORCH_LIBRARY_IMPL(qrkd, CPU, m) {
   m.impl("rkd_angle", &qrkd::rkd_angle_cpu);
 }

@@ -169,10 +169,6 @@ std::tuple<at::Tensor, at::Tensor> rkd_distance_cpu(const at::Tensor& student, c
 }  // namespace
 }  // namespace qrkd
 
-TORCH_LIBRARY_FRAGMENT(qrkd, m) {
-  m.def("rkd_distance(Tensor student, Tensor teacher, bool zero_diagonal, bool with_grad) -> (Tensor, Tensor)");
-}
-
 TORCH_LIBRARY_IMPL(qrkd, CPU, m) {
   m.impl("rkd_distance", &qrkd::rkd_distance_cpu);
 }

@@ -1,7 +1,10 @@
-// Photonic fidelity kernel on CUDA devices: the same algorithm as csrc/cpu/photonic.cpp (read its header), one thread
-// per pair (i, j). Each thread forms A = P_i Q_j^H (n x n) and walks Ryser's formula in Gray-code order, in double
-// whatever the input dtype. The backward kernel writes the per-pair weights Y[i,a,j,b] = 2 G_ij Perm(A) conj(C_ab)
-// for a chunk of rows, which two matmuls (cuBLAS) contract: dL/dP = Y Q, dL/dQ = Y^H P.
+// Photonic fidelity kernel on CUDA devices (DESIGN.md 3.5; the CPU op is csrc/cpu/photonic.cpp): one thread per pair
+// (i, j). Each thread forms A = P_i Q_j^H (n x n) and walks Ryser's formula in Gray-code order (one column added or
+// removed per step), in double whatever the input dtype:
+//   Perm(A) = (-1)^n sum_{S subset of columns} (-1)^{|S|} prod_a r_a(S),   r_a(S) = sum_{b in S} A_ab,
+// and for the backward its cofactors C_ab = (-1)^n sum_{S containing b} (-1)^{|S|} prod_{a' != a} r_a'(S) (prefix and
+// suffix products). The backward kernel writes the per-pair weights Y[i,a,j,b] = 2 G_ij Perm(A) conj(C_ab) for a chunk
+// of rows, which two matmuls (cuBLAS) contract: dL/dP = Y Q, dL/dQ = Y^H P.
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -9,7 +12,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "photonic_dispatch.h"
+#include "photonic.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -17,7 +20,6 @@
 
 namespace qrkd_photonic_cuda {
 
-constexpr int kMaxPhotons = 12;
 constexpr int kThreads = 128;
 
 // A[a][b] = sum_k p[a,k] conj(q[b,k]); p and q point at interleaved (re, im) n x m matrices.
@@ -170,12 +172,7 @@ __global__ void pair_grad_kernel(const double* __restrict__ P, const double* __r
     }
 }
 
-static void check_pair(const at::Tensor& P, const at::Tensor& Q, const char* op) {
-  TORCH_CHECK(P.dim() == 3 && Q.dim() == 3, op, ": P and Q must be 3-D (batch, photons, modes)");
-  TORCH_CHECK(P.size(1) == Q.size(1) && P.size(2) == Q.size(2), op, ": P and Q must agree in their last two sizes");
-  TORCH_CHECK(P.is_complex() && Q.is_complex(), op, ": P and Q must be complex");
-  TORCH_CHECK(P.size(1) >= 1 && P.size(1) <= kMaxPhotons, op, ": the photon count must be in 1..", kMaxPhotons,
-              ", got ", P.size(1));
+static void check_devices(const at::Tensor& P, const at::Tensor& Q, const char* op) {
   TORCH_CHECK(P.is_cuda() && Q.is_cuda() && P.device() == Q.device(), op, ": P and Q must be on one CUDA device");
 }
 
@@ -198,8 +195,8 @@ static void launch_pair_grad(const double* p, const double* q, const double* g, 
 }
 
 at::Tensor photonic_fidelity_cuda(const at::Tensor& P, const at::Tensor& Q, bool symmetric) {
-  check_pair(P, Q, "photonic_fidelity");
-  TORCH_CHECK(!symmetric || P.size(0) == Q.size(0), "photonic_fidelity: symmetric needs Q of P's size");
+  qrkd::check_photonic_matrices(P, Q, symmetric, "photonic_fidelity");
+  check_devices(P, Q, "photonic_fidelity");
   const c10::cuda::CUDAGuard guard(P.device());
   const int64_t N = P.size(0), M = Q.size(0), n = P.size(1), m = P.size(2);
   const auto real_dtype = c10::toRealValueType(P.scalar_type());
@@ -218,12 +215,11 @@ at::Tensor photonic_fidelity_cuda(const at::Tensor& P, const at::Tensor& Q, bool
 // symmetric (Q is P): the weights G + G^T over all ordered pairs give both roles of P at once, dL/dP = Y P.
 std::tuple<at::Tensor, at::Tensor> photonic_fidelity_backward_cuda(const at::Tensor& grad, const at::Tensor& P,
                                                                     const at::Tensor& Q, bool symmetric) {
-  check_pair(P, Q, "photonic_fidelity_backward");
-  TORCH_CHECK(!symmetric || P.size(0) == Q.size(0), "photonic_fidelity_backward: symmetric needs Q of P's size");
+  qrkd::check_photonic_matrices(P, Q, symmetric, "photonic_fidelity_backward");
+  check_devices(P, Q, "photonic_fidelity_backward");
   const c10::cuda::CUDAGuard guard(P.device());
   const int64_t N = P.size(0), M = Q.size(0), n = P.size(1), m = P.size(2);
-  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == N && grad.size(1) == M,
-              "photonic_fidelity_backward: grad must be N x M");
+  qrkd::check_photonic_grad(grad, P, Q);
   const at::Tensor p = P.to(at::kComplexDouble).contiguous();
   const at::Tensor q = Q.to(at::kComplexDouble).contiguous();
   at::Tensor g = grad.to(P.device(), at::kDouble);

@@ -1,0 +1,100 @@
+"""The cpp photonic op's tiled path (csrc/cpu/photonic.cpp): a tile's n x n blocks come from one matrix product and
+the permanents are walked eight pairs at a time, so sizes that end mid-tile or mid-block, the float32 products, one
+photon and the photon limit, and duplicate or zero rows are checked here against the naive permutation formula or
+a closed form."""
+
+import math
+
+import pytest
+import torch
+
+import qrkd
+from parity import make_matrices, matrix_grads, relative_error
+from qrkd.backends import reference
+
+pytestmark = pytest.mark.skipif("cpp" not in qrkd.available_backends(), reason="the compiled extension is not built")
+
+
+def cpp(p, q):
+    return qrkd.photonic_fidelity(p, q, backend="cpp")
+
+
+# N, M: rows that end inside a row tile (8 rows) and inside an eight-pair block; M past one column tile (168 columns
+# at n = 3 in float64)
+@pytest.mark.parametrize("N, M", [(61, 200), (200, None), (9, 1), (1, 9)])
+def test_tiles_match_naive_permanent_float64(N, M):
+    n, m = 3, 7
+    P = make_matrices(N, n, m, seed=N)
+    Q = None if M is None else make_matrices(M, n, m, seed=1000 + M)
+    weight = torch.randn(N, N if M is None else M, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    k_ref, g_ref = matrix_grads(reference.photonic_fidelity, P, Q, weight)
+    k, g = matrix_grads(cpp, P, Q, weight)
+    assert relative_error(k, k_ref) < 1e-10
+    for a, b in zip(g, g_ref):
+        assert relative_error(a, b) < 1e-8
+
+
+def test_symmetric_kernel_is_exactly_symmetric():
+    K = cpp(make_matrices(37, 4, 6, seed=2), None)
+    assert torch.equal(K, K.T)
+
+
+# float32 products across column tiles (192 columns at n = 4): the float32 criterion of DESIGN.md section 6
+@pytest.mark.parametrize("M", [None, 200])
+def test_tiles_float32_criterion(M):
+    N, n, m = 200 if M is None else 11, 4, 6
+    P64 = make_matrices(N, n, m, seed=5)
+    Q64 = None if M is None else make_matrices(M, n, m, seed=6)
+    weight = torch.randn(N, N if M is None else M, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    k64, g64 = matrix_grads(reference.photonic_fidelity, P64, Q64, weight)
+    to32 = (lambda x: None if x is None else x.to(torch.complex64))
+    k_r32, g_r32 = matrix_grads(reference.photonic_fidelity, to32(P64), to32(Q64), weight.float())
+    k32, g32 = matrix_grads(cpp, to32(P64), to32(Q64), weight.float())
+    assert k32.dtype == torch.float32
+    assert (k32.double() - k64).abs().max() <= 2 * (k_r32.double() - k64).abs().max() + 2e-5 * k64.abs().max()
+    for a, r, b in zip(g32, g_r32, g64):
+        ref_err = (r.to(torch.complex128) - b).abs().max()
+        assert (a.to(torch.complex128) - b).abs().max() <= 2 * ref_err + 1e-5 * b.abs().max() + 1e-6
+
+
+def _rank_one_rows(N, n, m, seed):
+    """P_i with every row equal to one vector v_i (|v_i| <= 1): then A = P_i Q_j^H has every entry c = v_i . v_j^*,
+    Perm(A) = n! c^n, and every cofactor is (n-1)! c^(n-1)."""
+    v = make_matrices(N, 1, m, seed=seed)[:, 0]
+    v = v / v.abs().pow(2).sum(1, keepdim=True).sqrt().clamp_min(1.0)
+    return v, v.unsqueeze(1).expand(N, n, m).contiguous()
+
+
+@pytest.mark.parametrize("n", [1, 7, 12])
+@pytest.mark.parametrize("dtype", [torch.complex128, torch.complex64])
+def test_one_photon_and_the_photon_limit_closed_form(n, dtype):
+    N, M, m = 11, 10, 12
+    u, P = _rank_one_rows(N, n, m, seed=1)
+    v, Q = _rank_one_rows(M, n, m, seed=2)
+    weight = torch.randn(N, M, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    k_dtype = torch.float64 if dtype == torch.complex128 else torch.float32
+    k, (gp, gq) = matrix_grads(cpp, P.to(dtype), Q.to(dtype), weight.to(k_dtype))
+    c = u @ v.conj().T  # N x M
+    perm = math.factorial(n) * c**n
+    # a rank-one A is the hard case of the Gray-code walks: terms up to n^n |c|^n cancel down to n! |c|^n
+    assert relative_error(k.double(), perm.abs() ** 2) < (1e-9 if k_dtype == torch.float64 else 2e-5)
+    # dL/dP_i[a] = sum_j Y_ij[a, :] Q_j with Y_ij = 2 G_ij Perm conj(cofactor) in every entry, Q_j's rows all v_j
+    y = 2 * weight * perm * (math.factorial(n - 1) * c ** (n - 1)).conj()
+    gp_ref = (n * y @ v).unsqueeze(1).expand(N, n, m)
+    gq_ref = (n * y.conj().T @ u).unsqueeze(1).expand(M, n, m)
+    tol = 1e-8 if k_dtype == torch.float64 else 1e-4
+    assert relative_error(gp.to(torch.complex128), gp_ref) < tol
+    assert relative_error(gq.to(torch.complex128), gq_ref) < tol
+
+
+def test_duplicate_and_zero_rows():
+    P = make_matrices(19, 3, 5, seed=8)
+    P[7] = P[2]
+    P[11] = P[2]
+    P[4] = 0
+    weight = torch.randn(19, 19, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    k_ref, g_ref = matrix_grads(reference.photonic_fidelity, P, None, weight)
+    k, (g,) = matrix_grads(cpp, P, None, weight)
+    assert relative_error(k, k_ref) < 1e-10 and relative_error(g, g_ref[0]) < 1e-8
+    assert relative_error(k[7], k[2]) < 1e-13 and relative_error(k[11], k[2]) < 1e-13
+    assert (k[4] == 0).all() and (g[4] == 0).all()
