@@ -210,3 +210,154 @@ def test_cli_forwards_options(capsys):
 def test_bad_arguments(argv, capsys):
     assert qb.main(argv + ["--list"]) == 2
     assert "qrkd bench:" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------- the roofline
+
+from qrkd.benchmark import roofline  # noqa: E402
+
+
+def test_sweep_records_the_roofline(tiny_sweep):
+    _, out, stem, data = tiny_sweep
+    rates = data["roofline"]
+    assert rates["gemm_gflops"] > 0 and rates["gemm_n"] >= 256 and rates["gemm_dtype"] == "float32"
+    assert rates["bandwidth_gbs"] > 0 and len(rates["gemm_samples_s"]) == 5
+    ok = _result(data, "distance", "torch")
+    assert ok["work"]["unit"] == "pairs" and ok["work"]["units"] == 2048 * 2047 / 2
+    assert ok["throughput"] == pytest.approx(ok["work"]["units"] / ok["median_s"])
+    assert ok["gemm_fraction"] == pytest.approx(ok["work"]["flops"] / ok["median_s"] / 1e9 / rates["gemm_gflops"])
+    assert ok["gemm_equivalent_gflop"] == pytest.approx(ok["median_s"] * rates["gemm_gflops"])
+    failed = _result(data, "angle", "reference")
+    assert failed["work"]["unit"] == "triplets" and failed["throughput"] is None and failed["gemm_fraction"] is None
+    md = (out / f"{stem}.md").read_text()
+    assert f"float32 GEMM {rates['gemm_gflops']:.1f} GFLOP/s" in md and "## Roofline" in md
+
+
+def _gray_code_ryser(a):
+    """Ryser's permanent in Gray-code order, counting its real flops the way the work model does."""
+    n = len(a)
+    rows, total, flops = [0j] * n, 0j, 0
+    for step in range(1, 1 << n):
+        col = (step & -step).bit_length() - 1
+        gray = step ^ (step >> 1)
+        sign_col = 1 if (gray >> col) & 1 else -1
+        rows = [r + sign_col * a[i][col] for i, r in enumerate(rows)]
+        flops += 2 * n
+        prod = rows[0]
+        for r in rows[1:]:
+            prod *= r
+        flops += 6 * (n - 1)
+        total += prod if bin(gray).count("1") % 2 == n % 2 else -prod
+        flops += 2
+    return total, flops
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+def test_ryser_count_is_a_working_permanent(n):
+    import torch
+
+    from qrkd.backends import reference
+
+    g = torch.Generator().manual_seed(n)
+    a = torch.complex(torch.randn(n, n, generator=g, dtype=torch.float64),
+                      torch.randn(n, n, generator=g, dtype=torch.float64))
+    value, flops = _gray_code_ryser(a.tolist())
+    assert value == pytest.approx(complex(reference.permanent(a)), rel=1e-12, abs=1e-12)
+    assert flops == roofline.ryser_flops(n) == ((1 << n) - 1) * (8 * n - 4)
+
+
+def test_work_model_counts():
+    assert set(roofline.UNITS) == set(qb.RELATIONS)  # every benchmarked relation has a work model
+    assert roofline.case_work(dict(qb.make_case("angle", "fwd", 8, 4, 4).to_dict(), relation="new")) is None
+    assert roofline.units("distance", 5) == 10 and roofline.units("photonic", 128) == 128 * 127 / 2
+    assert roofline.units("angle", 4) == 4 * 6  # anchor a, unordered {b, c}
+    # distance: 2 D per side for the dot product, 14 for the rest of both sides, the tail 6; backward 4 Ds + 10
+    assert roofline.flops_per_unit("distance", "fwd", 4, 31) == 2 * 35 + 20
+    assert roofline.flops_per_unit("distance", "fwdbwd", 4, 31) == 2 * 35 + 20 + 4 * 4 + 10
+    # fidelity: both sides cut to min(Ds, Dt) = 4
+    assert roofline.flops_per_unit("fidelity", "fwd", 4, 31) == 4 * 4 + 8
+    assert roofline.flops_per_unit("fidelity", "fwdbwd", 4, 31) == 4 * 4 + 8 + 4 * 4 + 4
+    assert roofline.flops_per_unit("angle", "fwd", 4, 31) == 14
+    assert roofline.flops_per_unit("angle", "fwdbwd", 4, 31) == 25
+    # photonic at the seed's circuit: per side 8 n^2 m = 2000, Ryser 31 x 36 = 1116, |perm|^2 3
+    assert roofline.photonic_side_flops(5, 10) == 3119
+    assert roofline.flops_per_unit("photonic", "fwd", 4, 4, modes=10, photons=5) == 2 * 3119 + 6
+    back = 24 * 25 * 10 + 31 * (25 + 100 - 6) + 6 * 25 + 2
+    assert roofline.flops_per_unit("photonic", "fwdbwd", 4, 4, modes=10, photons=5) == 2 * 3119 + 6 + back
+    # the angle loss adds its pairwise part: squared distances of both sides (and dx = 2 H x in backward)
+    assert roofline.work_flops("angle", "fwd", 3, 4, 31) == 9 * 14 + 3 * (2 * 35 + 2)
+    assert roofline.work_flops("angle", "fwdbwd", 3, 4, 31) == 9 * 25 + 3 * (2 * 35 + 2 + 4 * 4 + 1)
+    work = roofline.case_work(qb.make_case("photonic", "fwd", 4096, 4, 4).to_dict())
+    assert work["unit"] == "pairs" and work["flops_per_unit"] == 6244 and work["flops"] == 6244 * 4096 * 4095 / 2
+    with pytest.raises(ValueError, match="relation"):
+        roofline.units("nope", 3)
+    with pytest.raises(ValueError, match="mode"):
+        roofline.flops_per_unit("angle", "back", 4, 4)
+
+
+def test_roofline_fields_from_given_times():
+    case = qb.make_case("angle", "fwdbwd", 2048, 4, 31).to_dict()
+    flops = roofline.work_flops("angle", "fwdbwd", 2048, 4, 31)
+    got = roofline.roofline_fields(case, 2.0, 200.0)
+    assert got["throughput"] == pytest.approx(2048 * 2048 * 2047 / 2 / 2.0)
+    assert got["gflops"] == pytest.approx(flops / 2.0 / 1e9)
+    assert got["gemm_fraction"] == pytest.approx(flops / 2.0 / 200e9)
+    assert got["gemm_equivalent_gflop"] == pytest.approx(400.0)  # the issue's "time x GEMM GFLOP/s"
+    assert roofline.roofline_fields(case, 2.0, None)["gemm_fraction"] is None
+    recs = [{"case": case, "status": "ok", "median_s": 1.0}, {"case": case, "status": "timeout"}]
+    roofline.annotate_roofline(recs, {"gemm_gflops": 100.0})
+    assert recs[0]["gemm_fraction"] == pytest.approx(flops / 100e9)
+    assert recs[1]["throughput"] is None and recs[1]["work"]["flops"] == flops
+
+
+def test_roofline_in_the_markdown(tmp_path):
+    case = qb.make_case("photonic", "fwd", 4096, 4, 4).to_dict()
+    rec = {"case": case, "case_id": qb.Case.from_dict(case).id, "impl": "cpp", "kind": "backend", "status": "ok",
+           "predicted": False, "median_s": 0.5, "peak_mem_bytes": 1 << 20, "value": 0.1}
+    qb.annotate_case([rec])
+    rates = {"gemm_gflops": 200.0, "gemm_n": 2048, "gemm_samples_s": [0.1] * 5, "gemm_threads": 2,
+             "bandwidth_gbs": 10.0, "bandwidth_bytes_per_call": 3 << 27, "bandwidth_method": "triad"}
+    roofline.annotate_roofline([rec], rates)
+    data = {"machine": {"name": "box", "cpu": "cpu", "cpu_count": 2, "mem_total_bytes": 1 << 30}, "versions": {},
+            "backends": {}, "config": {"device": "cpu", "mem_limit_bytes": 1 << 30, "case_timeout_s": 60},
+            "command": "qrkd bench", "started": "2026-12-02T00:00:00", "results": [rec], "roofline": rates}
+    qb.write_markdown(data, str(tmp_path / "r.md"))
+    md = (tmp_path / "r.md").read_text()
+    assert "float32 GEMM 200.0 GFLOP/s (torch.matmul, 2048^3" in md and "memory bandwidth 10.0 GB/s" in md
+    fraction = 6244 * 4096 * 4095 / 2 / 0.5 / 200e9
+    row = f"| photonic | N=4096 d=4 m=10 n=5 | forward | pairs | 6,244 | {100 * fraction:.3g}% · 16.8 M/s · 100 |"
+    assert row in md
+    del data["roofline"]
+    qb.write_markdown(data, str(tmp_path / "old.md"))  # a results file from before the roofline
+    assert "Roofline: not measured in this run." in (tmp_path / "old.md").read_text()
+
+
+def test_machine_rates_are_measured():
+    gemm = roofline.measure_gemm("cpu", reps=2, max_n=256)
+    assert gemm["gemm_n"] == 256 and gemm["gemm_gflops"] > 0 and len(gemm["gemm_samples_s"]) == 2
+    bw = roofline.measure_bandwidth("cpu", reps=2, megabytes=4)
+    assert bw["bandwidth_gbs"] > 0 and bw["bandwidth_bytes_per_call"] == 3 * 4 << 20
+
+
+def test_selected_shapes(capsys):
+    assert qb.main(["--shapes", "angle:2048:4:31@cpp,photonic:4096@cpp+torch,distance:96", "--tags", "seed",
+                    "--modes", "fwdbwd", "--list"]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines() if "-float32-" in line}
+    assert lines["angle-fwdbwd-float32-cpu-N2048-Ds4-Dt31"].split()[1:] == ["selected", "cpp"]
+    assert lines["photonic-fwdbwd-float32-cpu-N4096-d4-m10-n5"].split()[2:] == ["torch,", "cpp"]
+    assert "selected" in lines["distance-fwdbwd-float32-cpu-N96-Ds4-Dt4"] and "reference" in lines[
+        "distance-fwdbwd-float32-cpu-N96-Ds4-Dt4"]
+    assert {name.split("-")[0] for name, line in lines.items() if " seed " in line} == set(qb.RELATIONS)
+    assert len(lines) == 3 + 4  # the three shapes and the four seed shapes, no grid
+    assert qb.main(["--tags", "issue4", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "photonic-fwd-float32-cpu-N4096-d4-m10-n5" in out and "N128" not in out
+
+
+@pytest.mark.parametrize("argv", [["--shapes", "angle"], ["--shapes", "cube:12"], ["--shapes", "angle:x"],
+                                  ["--shapes", "angle:0"], ["--tags", "nope"],
+                                  ["--shapes", "angle:64", "--relations", "distance"]])
+def test_bad_selections(argv, capsys):
+    assert qb.main(argv + ["--list"]) == 2
+    assert "qrkd bench:" in capsys.readouterr().err

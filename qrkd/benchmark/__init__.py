@@ -29,15 +29,27 @@ before the measured calls, after gc and malloc_trim) minus its resident size at 
 the implementation above its inputs, libraries and compiled code; on a GPU torch.cuda.max_memory_allocated minus
 memory_allocated at the same point.
 
+Roofline: before the sweep, in the parent process, the machine's float32 GEMM rate (torch.matmul at a size where one
+call takes >= 50 ms, median of 5) and memory bandwidth (a triad over 128 MiB arrays) on the sweep's device; every
+record gets its work under the model of `roofline` (unit, units, flops), its throughput (units/s) and, against the
+GEMM rate, its fraction and its equivalent GEMM GFLOP (time x GEMM GFLOP/s). --no-roofline skips the measurement.
+
+Selection: --relations, --modes, --n, --d, --impls select from the grid; --tags keeps only the named shapes with those
+tags, --shapes RELATION:N[:DS[:DT]][@IMPL+...] measures exact shapes (tagged "selected"), both without the grid.
+
 Output (bench/results by default): <machine>-<date>[-quick].json, .md (tables) and -<relation>.png (time and peak
-memory vs N, log-log, one line per impl). JSON schema "qrkd-bench/1":
+memory vs N, log-log, one line per impl). JSON schema "qrkd-bench/2":
     {schema, machine{name, hostname, platform, cpu, cpu_count, mem_total_bytes, gpu}, versions{python, torch, qrkd,
      triton, merlinquantum, ...}, backends{name: {available, detail}}, config{...}, command, started, finished,
-     wall_s, results: [{case{relation, mode, n, ds, dt, dtype, device, modes, photons, tags}, case_id, impl, kind,
+     wall_s, roofline{device, gemm_gflops, gemm_n, gemm_dtype, gemm_samples_s, gemm_threads, bandwidth_gbs,
+     bandwidth_bytes_per_call, bandwidth_method, bandwidth_samples_s, wall_s},
+     results: [{case{relation, mode, n, ds, dt, dtype, device, modes, photons, tags}, case_id, impl, kind,
      status, predicted, detail, median_s, iqr_s, mean_s, min_s, samples_s, reps, inner, first_call_s, setup_s,
      peak_mem_bytes, baseline_mem_bytes, peak_rss_bytes, child_maxrss_bytes, mem_method, value, value_rel_diff,
-     threads, wall_s, reference_impl, ratio_to_reference, speedup{ref impl: ratio}}]}
+     threads, wall_s, reference_impl, ratio_to_reference, speedup{ref impl: ratio}, work{unit, units, flops,
+     flops_per_unit}, throughput, gflops, gemm_fraction, gemm_equivalent_gflop}]}
 ratio_to_reference = median of the case's reference impl / median of this impl (> 1: faster than the reference).
+Schema 1 files (no roofline) still load with --report.
 
 Modules, one per concern:
     cases            relations, modes, named shapes, grids; Case, make_case, plan
@@ -47,6 +59,7 @@ Modules, one per concern:
     prediction       failures predicted from the sizes a series already ran
     machine          machine_info, machine_name, versions
     report           annotate_case, the JSON file and the markdown tables; plots: the PNGs
+    roofline         the work model per relation, the machine's GEMM rate and bandwidth, the roofline fields
     formatting       times, sizes and ratios as printed
     cli              `qrkd bench` (main): options, the sweep loop, progress
 """

@@ -12,12 +12,13 @@ import signal
 import sys
 import time
 
-from .cases import COMPILED, MODES, REFERENCE_IMPLS, RELATIONS, Case, plan
+from .cases import COMPILED, MODES, NAMED, REFERENCE_IMPLS, RELATIONS, Case, make_case, plan
 from .formatting import _fmt_bytes, _fmt_time
 from .implementations import implementations
 from .machine import _mem_available, machine_info, machine_name, versions
 from .prediction import _predict_failure, _record_history
 from .report import SCHEMA, _write_json, annotate_case, write_report
+from .roofline import annotate_roofline, describe_rates, measure_machine
 from .runner import Runner
 
 # per-profile measurement settings (seconds): see the package docstring (qrkd/benchmark/__init__.py)
@@ -93,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", help="comma-separated batch sizes replacing the grid's")
     p.add_argument("--d", help="comma-separated feature widths (Ds = Dt) replacing the grid's")
     p.add_argument("--no-named", action="store_true", help="leave out the seed's and the issues' named shapes")
+    p.add_argument("--tags", help="only the named shapes with one of these tags (comma-separated, e.g. seed,issue4), "
+                   "no grid")
+    p.add_argument("--shapes", help="only these exact shapes (and the named ones unless --no-named or --tags), no "
+                   "grid: comma-separated RELATION:N[:DS[:DT]][@IMPL+IMPL...], e.g. angle:2048:4:31@cpp,photonic:4096")
     p.add_argument("--impls", help="measure only these impls (comma-separated)")
     p.add_argument("--exclude-impls", default="", help="comma-separated impls to leave out")
     p.add_argument("--compiled", choices=("auto", "all", "none"), default="auto",
@@ -108,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=os.path.join("bench", "results"), help="output folder (default bench/results)")
     p.add_argument("--machine", help="machine name in the file names (default from the CPU or GPU model)")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-roofline", action="store_true", help="skip measuring the GEMM rate and memory bandwidth")
     p.add_argument("--list", action="store_true", help="print the planned measurements and exit")
     p.add_argument("--report", metavar="JSON", help="only rewrite the markdown and the plots of a results file")
     return p
@@ -160,12 +166,35 @@ def main(argv=None) -> int:
         mem_limit = int(args.mem_limit_gb * (1 << 30)) if args.mem_limit_gb else int(0.75 * _mem_available())
     settings = {k: profile[k] for k in ("target_s", "min_reps", "max_reps", "slow_s", "slow_cap_s", "min_sample_s")}
 
-    cases = plan(device, args.quick, relations, tuple(m for m in MODES if m in modes), tuple(dtypes), ns or None,
-                 ds or None, named=not args.no_named)
+    mode_list = tuple(m for m in MODES if m in modes)
+    try:
+        shapes = parse_shapes(args.shapes, relations)
+        tags = set(_csv(args.tags))
+        known = {tag for entries in NAMED.values() for *_, tag in entries}
+        if tags - known:
+            raise ValueError(f"--tags: unknown tag(s) {sorted(tags - known)}; the named shapes have {sorted(known)}")
+    except ValueError as exc:
+        return _fail(str(exc))
+    cases = plan(device, args.quick, relations, mode_list, tuple(dtypes), ns or None, ds or None,
+                 named=not args.no_named)
+    impls_for = {}
+    if shapes is not None or tags:
+        cases = [c for c in cases if set(c.tags) & tags] if tags else \
+            ([] if args.no_named else [c for c in cases if c.tags])
+        for relation, n, d_s, d_t, only in shapes or []:
+            for dtype in dtypes:
+                for mode in mode_list:
+                    case = make_case(relation, mode, n, d_s, d_t, dtype, device, ("selected",))
+                    if only:
+                        impls_for[case] = set(only) | impls_for.get(case, set())
+                    if case not in cases:
+                        cases.append(case)
+        order = {r: i for i, r in enumerate(RELATIONS)}
+        cases.sort(key=lambda c: (c.n, order[c.relation], c.ds, c.dt, c.dtype, MODES.index(c.mode)))
     include = set(_csv(args.impls)) or None
     exclude = set(_csv(args.exclude_impls))
     work = [(c, implementations(c, compiled=args.compiled, quick=args.quick, merlin_max_n=merlin_max_n,
-                                include=include, exclude=exclude)) for c in cases]
+                                include=impls_for.get(c, include), exclude=exclude)) for c in cases]
     work = [(c, impls) for c, impls in work if impls]
     total = sum(len(impls) for _, impls in work)
     if args.list:
@@ -202,6 +231,12 @@ def main(argv=None) -> int:
         "started": started.isoformat(timespec="seconds"),
         "results": [],
     }
+    if not args.no_roofline:
+        print("qrkd bench: measuring the machine's GEMM rate and memory bandwidth ...", flush=True)
+        data["roofline"] = measure_machine(device)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        print(describe_rates(data["roofline"]), flush=True)
     prewarm = [device]
     if device == "cpu" and any(COMPILED in impls for _, impls in work):
         prewarm.append("compile")  # not on a GPU: nothing that might touch CUDA before the fork
@@ -242,6 +277,7 @@ def main(argv=None) -> int:
                 _progress(done, total, t_start, case, rec)
             records.sort(key=lambda r: impls.index(r["impl"]))
             annotate_case(records)
+            annotate_roofline(records, data.get("roofline"))
             data["results"].extend(records)
             data["wall_s"] = time.perf_counter() - t_start
             _write_json(data, stem + ".json")
@@ -261,6 +297,33 @@ def main(argv=None) -> int:
     for r in errors:
         print(f"ERROR {r['case_id']} / {r['impl']}: {r['detail']}", file=sys.stderr)
     return 1 if errors else 0
+
+
+def parse_shapes(text, relations=RELATIONS):
+    """--shapes: [(relation, n, ds, dt, impls or None)], or None when not given. DS defaults to the seed's student
+    width (4), DT to DS; the photonic relation always runs the seed's circuit (d = 4)."""
+    if text is None:
+        return None
+    shapes = []
+    for item in _csv(text):
+        spec, _, impls = item.strip().partition("@")
+        parts = spec.split(":")
+        relation = parts[0]
+        if relation not in RELATIONS:
+            raise ValueError(f"--shapes {item!r}: the relation must be one of {RELATIONS}")
+        if relation not in relations:
+            raise ValueError(f"--shapes {item!r}: {relation} is not in --relations")
+        try:
+            sizes = [int(v) for v in parts[1:]]
+        except ValueError:
+            raise ValueError(f"--shapes {item!r}: N, DS and DT must be integers") from None
+        if not 1 <= len(sizes) <= 3 or any(v < 1 for v in sizes):
+            raise ValueError(f"--shapes {item!r}: expected RELATION:N[:DS[:DT]] with sizes >= 1")
+        n, d_s = sizes[0], sizes[1] if len(sizes) > 1 else 4
+        d_t = sizes[2] if len(sizes) > 2 else d_s
+        only = [x for x in impls.split("+") if x] if impls else None
+        shapes.append((relation, n, d_s, d_t, only))
+    return shapes
 
 
 def _interrupt(signum, frame):

@@ -25,3 +25,13 @@ def _fmt_ratio(x) -> str:
     if x is None:
         return "-"
     return f"{x:.3g}x" if x < 1000 else f"{x:,.0f}x"
+
+
+def _fmt_count(x) -> str:
+    """A count or rate with an SI prefix: 1.94 G, 312 k."""
+    if x is None:
+        return "-"
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if x >= 0.9995 * scale:
+            return f"{x / scale:.3g} {prefix}"
+    return f"{x:.3g}"

@@ -7,11 +7,12 @@ import math
 import os
 
 from .cases import COMPILED, MODE_TITLES, MODES, REFERENCE_IMPLS, RELATIONS, Case
-from .formatting import _fmt_bytes, _fmt_ratio, _fmt_time
+from .formatting import _fmt_bytes, _fmt_count, _fmt_ratio, _fmt_time
 from .implementations import _impl_order, reference_impl
 from .plots import write_plots
+from .roofline import describe_rates
 
-SCHEMA = "qrkd-bench/1"
+SCHEMA = "qrkd-bench/2"
 
 
 def _value_group(impl: str) -> str:
@@ -101,7 +102,9 @@ def write_markdown(data: dict, path: str) -> None:
     lines.append(
         "Backends: " + "; ".join(f"{k}: {'yes' if b['available'] else 'no'} ({b['detail']})"
                                  for k, b in data["backends"].items())
+        + "  "
     )
+    lines.append(describe_rates(data.get("roofline")))
     lines.append("")
     lines.append(
         f"Each (case, implementation) ran in its own fresh process (device {cfg['device']}, "
@@ -151,6 +154,7 @@ def write_markdown(data: dict, path: str) -> None:
             head = (f"| {c.n} | {c.ds} | {c.modes} | {c.photons} |" if relation == "photonic"
                     else f"| {c.n} | {c.ds} | {c.dt} |")
             lines.append(head + " " + " | ".join(_cell(by_impl.get(i), True) for i in impls) + " |")
+    lines += _roofline_section(data)
     errors = [r for r in results if r["status"] == "error"]
     if errors:
         lines += ["", "## Errors", ""]
@@ -161,6 +165,48 @@ def write_markdown(data: dict, path: str) -> None:
         lines += [f"- {r['case_id']} / {r['impl']}: relative difference {r['value_rel_diff']:.2e}" for r in mismatched]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def _roofline_cell(r: dict) -> str:
+    if r is None or r["status"] != "ok" or r.get("throughput") is None:
+        return ""
+    text = f"{_fmt_count(r['throughput'])}/s"
+    if r.get("gemm_fraction") is not None:
+        text = f"{100 * r['gemm_fraction']:.3g}% · {text} · {r['gemm_equivalent_gflop']:.3g}"
+    return text
+
+
+def _roofline_section(data: dict) -> list:
+    """One row per case: the work model (unit, flops per unit) and per impl its fraction of the measured GEMM rate,
+    its throughput and its time x GEMM GFLOP/s."""
+    rates = data.get("roofline")
+    measured = [r for r in data["results"] if r["status"] == "ok" and r.get("work")]
+    if not measured:
+        return []
+    lines = ["", "## Roofline", ""]
+    if rates and rates.get("gemm_gflops"):
+        lines.append(f"Cells: fraction of the measured float32 GEMM rate ({rates['gemm_gflops']:.1f} GFLOP/s) under "
+                     "the work model (qrkd/benchmark/roofline.py, README Performance) · throughput in the relation's "
+                     "unit (unordered pairs or triplets, student and teacher together) · equivalent GEMM GFLOP "
+                     "(time x GEMM GFLOP/s).")
+    else:
+        lines.append("Cells: throughput in the relation's unit (no GEMM rate was measured in this run).")
+    lines.append("")
+    cases = _group(measured)
+    impls = _impl_order({r["impl"] for r in measured})
+    lines.append("| relation | shape | mode | unit | flops/unit | " + " | ".join(impls) + " |")
+    lines.append("|" + "---|" * (5 + len(impls)))
+    order = {r: i for i, r in enumerate(RELATIONS)}
+    rows = sorted(cases.values(), key=lambda g: (order[g[0]["case"]["relation"]], MODES.index(g[0]["case"]["mode"]),
+                                                 g[0]["case"]["ds"], g[0]["case"]["dt"], g[0]["case"]["n"]))
+    for recs in rows:
+        c = Case.from_dict(recs[0]["case"])
+        work = recs[0]["work"]
+        by_impl = {r["impl"]: r for r in recs}
+        lines.append(f"| {c.relation} | {c.describe()} | {MODE_TITLES[c.mode]} | {work['unit']} | "
+                     f"{work['flops_per_unit']:,.0f} | " + " | ".join(_roofline_cell(by_impl.get(i)) for i in impls)
+                     + " |")
+    return lines
 
 
 def _value_tolerance(r: dict) -> float:
