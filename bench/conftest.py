@@ -1,7 +1,8 @@
 """pytest-benchmark suites: `pytest bench --benchmark-only`.
 
-One test per (relation, mode, dtype, N, D, implementation), parametrised from what is available at run time (the
-same discovery as `qrkd bench`: qrkd.available_backends(), supports(), the references of qrkd.benchmark). Each test
+One test per (relation, mode, dtype, N, D, implementation): a test names its relations with the marker
+`bench_relations` (taken from qrkd/relations.py) and is parametrised from what is available at run time (the same
+discovery as `qrkd bench`: qrkd.available_backends(), supports(), the references of qrkd.benchmark). Each test
 is in the benchmark group of its case, so the implementations of a case are listed side by side, and test names are
 stable, so `--benchmark-autosave` / `--benchmark-compare` compare runs. Peak memory goes into extra_info: on the CPU
 the peak resident set of a fresh child process making the same call (qrkd.benchmark.Runner), on a GPU
@@ -42,6 +43,10 @@ def pytest_addoption(parser):
 _IMPLS_COLLECTED = set()  # what the memory server must prewarm for
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "bench_relations(*names): the relations (qrkd/relations.py) a test measures")
+
+
 def _csv(text, convert=str):
     return [convert(x) for x in (text or "").split(",") if x.strip()]
 
@@ -56,13 +61,14 @@ def _device(config):
 
 
 def pytest_generate_tests(metafunc):
-    if "bench_case" not in metafunc.fixturenames:
+    marker = metafunc.definition.get_closest_marker("bench_relations")
+    if "bench_case" not in metafunc.fixturenames or marker is None:
         return
     config = metafunc.config
     device = _device(config)
     include = set(_csv(config.getoption("--bench-impls"))) or None
     params = []
-    for relation in metafunc.module.RELATIONS:
+    for relation in marker.args:
         ns = _csv(config.getoption("--bench-photonic-n" if relation == "photonic" else "--bench-n"), int)
         ds = [qb.PHOTONIC_CIRCUIT[0]] if relation == "photonic" else _csv(config.getoption("--bench-d"), int)
         for dtype in _csv(config.getoption("--bench-dtype")):

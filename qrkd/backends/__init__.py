@@ -27,13 +27,7 @@ import warnings
 
 import torch
 
-OPS = (
-    "rkd_distance_loss",
-    "rkd_angle_loss",
-    "fidelity_kernel_loss",
-    "fidelity_kernel_matrix",
-    "photonic_fidelity",
-)
+from ..relations import OPS  # the contract's functions, one per relation (qrkd/relations.py)
 
 # name -> module path; order is only for listing
 _MODULES = {

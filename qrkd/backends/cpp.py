@@ -12,6 +12,7 @@ import importlib
 
 import torch
 
+from ..relations import TABLE
 from .autograd_limits import fused_backward, vmap_refusal
 
 _state = {"loaded": None, "detail": "", "cuda": False}
@@ -48,8 +49,8 @@ def has_cuda_kernels() -> bool:
     return _load() and _state["cuda"]
 
 
-# contract op -> the torch.ops.qrkd op whose presence means the extension implements it (filled per relation)
-_OP_KERNELS: dict = {}
+# contract op -> the torch.ops.qrkd op whose presence means the extension implements it
+_OP_KERNELS = {r.op: r.cpp_op for r in TABLE}
 
 
 def supports(op, device_type, dtype):
@@ -92,14 +93,6 @@ def _function(op_name, setup_context, backward, public_name):
 # ------------------------------------------------------------- RKD distance, RKD angle, classical fidelity kernel
 # Each loss op returns (loss, dL/dstudent): when the student needs a gradient the fused CPU kernel produces it in the
 # same pass as the loss (with_grad=True) and backward only scales it by grad_output; otherwise it is an empty tensor.
-
-_OP_KERNELS.update(
-    rkd_distance_loss="rkd_distance",
-    rkd_angle_loss="rkd_angle",
-    fidelity_kernel_loss="fidelity_loss",
-    fidelity_kernel_matrix="fidelity_matrix",
-)
-
 
 def _with_grad(student: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and student.requires_grad
@@ -209,9 +202,6 @@ if _load() and hasattr(torch.ops.qrkd, "rkd_angle"):
 # csrc/cpu/photonic.cpp and csrc/cuda/photonic.cu: photonic_fidelity(P, Q, symmetric) -> K (N x M, real) and
 # photonic_fidelity_backward(grad, P, Q, symmetric) -> (dL/dP, dL/dQ). symmetric (Q is P): only pairs j >= i are
 # computed and dL/dP holds both roles of P (dL/dQ is then empty).
-
-_OP_KERNELS["photonic_fidelity"] = "photonic_fidelity"
-
 
 def _photonic_setup(ctx, inputs, output):
     P, Q, symmetric = inputs

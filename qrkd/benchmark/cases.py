@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 
-RELATIONS = ("angle", "distance", "fidelity", "photonic")
+from ..relations import BENCHMARKED, BY_NAME
+
+RELATIONS = BENCHMARKED  # qrkd/relations.py
 MODES = ("fwd", "fwdbwd")
 MODE_TITLES = {"fwd": "forward", "fwdbwd": "forward+backward"}
-OPS = {
-    "angle": "rkd_angle_loss",
-    "distance": "rkd_distance_loss",
-    "fidelity": "fidelity_kernel_loss",
-    "photonic": "photonic_fidelity",
-}
+OPS = {r: BY_NAME[r].op for r in RELATIONS}  # the backend contract function each relation measures
+TIME_EXPONENT = {r: BY_NAME[r].time_exponent for r in RELATIONS}  # work growth in N (failure prediction)
 REFERENCE_IMPLS = ("reference", "reference-compiled", "reference-zd", "merlin")
 COMPILED = "reference-compiled"
 PHOTONIC_CIRCUIT = (4, 10, 5)  # the seed's kernel: d = 4 features (min(Ds, Dt)), m = 10 modes, n = 5 photons

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 
-from .cases import COMPILED, MODES, Case
+from .cases import COMPILED, MODES, TIME_EXPONENT, Case
 from .formatting import _fmt_bytes, _fmt_time
 
-# growth exponents in N used to predict a failure at the next size: time, and memory of the materialising references
-_TIME_EXPONENT = {"angle": 3, "distance": 2, "fidelity": 2, "photonic": 2}
+# growth exponents in N used to predict a failure at the next size: time (cases.TIME_EXPONENT), and memory of the
+# materialising references
 _N3_MEMORY_IMPLS = ("reference", COMPILED)
 
 
@@ -29,7 +29,7 @@ def _predict_failure(case: Case, impl: str, history: dict, timeout: float, mem_l
         return None
     n1, t1, m1 = points[-1]
     margin = 1.0 if len(points) >= 2 else 3.0
-    t_exp = _TIME_EXPONENT[case.relation]
+    t_exp = TIME_EXPONENT[case.relation]
     m_exp = 3 if (case.relation == "angle" and impl in _N3_MEMORY_IMPLS) else 2
     if len(points) >= 2:
         n0, t0, m0 = points[-2]
