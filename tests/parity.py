@@ -1,28 +1,44 @@
 """Parity criteria of DESIGN.md section 6 and the inputs they run on, shared by the backend tests."""
 
+import math
+
 import torch
 
 from qrkd.backends import reference
+from qrkd.relations import BY_NAME, TABLE
 
-RELATIONS = ("rkd_distance", "rkd_distance_zero_diag", "rkd_angle", "fidelity")
+# conventions of a relation besides its default: the extra arguments of its contract op
+VARIANTS = {"distance": {"distance": {"zero_diagonal": False}, "distance_zero_diag": {"zero_diagonal": True}}}
+# the loss terms on real features in qrkd/relations.py, each of their conventions under its own name:
+# name -> (contract op, its extra arguments)
+_CALLS = {
+    name: (r.op, kwargs)
+    for r in TABLE
+    if r.weight and not r.complex_inputs
+    for name, kwargs in VARIANTS.get(r.name, {r.name: {}}).items()
+}
+RELATIONS = tuple(_CALLS)
+_EQUAL_WIDTHS = {"fidelity"}  # its contract op takes features truncated to the smaller width (DESIGN.md 3.4)
+
+
+def contract_op(relation):
+    """The backend contract function of a relation of RELATIONS or of qrkd/relations.py."""
+    return _CALLS[relation][0] if relation in _CALLS else BY_NAME[relation].op
 
 
 def loss_fn(module, relation):
     """The relation's loss in a backend module (or the reference), as f(student, teacher)."""
-    if relation == "rkd_distance":
-        return lambda s, t: module.rkd_distance_loss(s, t, False)
-    if relation == "rkd_distance_zero_diag":
-        return lambda s, t: module.rkd_distance_loss(s, t, True)
-    if relation == "rkd_angle":
-        return module.rkd_angle_loss
-    if relation == "fidelity":
+    if relation not in _CALLS:
+        raise ValueError(relation)
+    op, kwargs = _CALLS[relation]
 
-        def fidelity(s, t):
+    def loss(s, t):
+        if relation in _EQUAL_WIDTHS:
             width = min(s.shape[1], t.shape[1])
-            return module.fidelity_kernel_loss(s[:, :width].contiguous(), t[:, :width].contiguous())
+            s, t = s[:, :width].contiguous(), t[:, :width].contiguous()
+        return getattr(module, op)(s, t, **kwargs)
 
-        return fidelity
-    raise ValueError(relation)
+    return loss
 
 
 def make_features(n, d, kind="random", seed=0, dtype=torch.float64):
@@ -108,7 +124,7 @@ def check_coincident_points_send_no_angle_gradient(impl, device="cpu"):
         (grad,) = torch.autograd.grad(impl.rkd_angle_loss(x, t.to(dtype).to(device)), x)
         assert torch.isfinite(grad).all() and grad.abs().max().item() < 1.0
     if impl is not reference:
-        check_parity("rkd_angle", impl, s.to(device), t.to(device))
+        check_parity("angle", impl, s.to(device), t.to(device))
 
 
 def check_angle_shares_add_up(impl, s, t, ranges):
@@ -120,3 +136,26 @@ def check_angle_shares_add_up(impl, s, t, ranges):
     (g_parts,) = torch.autograd.grad(sum(parts), x)
     torch.testing.assert_close(sum(parts), full, rtol=1e-12, atol=0)
     torch.testing.assert_close(g_parts, g_full, rtol=1e-10, atol=1e-15)
+
+
+# ---------------------------------------------------------------------------------------------- photonic kernel
+
+
+def make_matrices(N, n, m, dtype=torch.complex128, seed=0, device="cpu"):
+    """N random complex n x m matrices (the per-sample P of DESIGN.md 3.5)."""
+    g = torch.Generator().manual_seed(seed)
+    real = torch.randn(N, n, m, 2, generator=g, dtype=torch.float64) / math.sqrt(2 * m)
+    return torch.view_as_complex(real).to(device=device, dtype=dtype)
+
+
+def relative_error(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
+
+
+def matrix_grads(fn, P, Q, weight):
+    """K = fn(P, Q) and the gradients of sum(K * weight) in P (and Q unless it is None)."""
+    P = P.detach().clone().requires_grad_()
+    Q = None if Q is None else Q.detach().clone().requires_grad_()
+    K = fn(P, Q)
+    inputs = (P,) if Q is None else (P, Q)
+    return K.detach(), torch.autograd.grad((K * weight).sum(), inputs)

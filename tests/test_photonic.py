@@ -1,14 +1,14 @@
-"""The photonic fidelity kernel (DESIGN.md 3.5): the fused pairwise-permanent op on every backend against the naive
-permutation formula, the module against MerLin's FidelityKernel, gradients, the kernel's properties, bad input and
-the seed's QRKD configuration."""
+"""The photonic fidelity kernel (DESIGN.md 3.5): what the op's contract test (tests/test_backend_contract.py: every
+backend against the naive permutation formula, float32, gradients, NaN) leaves out, the module against MerLin's
+FidelityKernel, gradients, the kernel's properties, bad input and the seed's QRKD configuration."""
 
-import math
 import warnings
 
 import pytest
 import torch
 
 import qrkd
+from parity import make_matrices, matrix_grads, relative_error
 from qrkd import PhotonicFidelityKernel
 from qrkd.backends import reference
 from qrkd.photonic import default_input_state
@@ -23,104 +23,29 @@ FAST = [b for b in ("torch", "cpp") if b in qrkd.available_backends()]
 CUDA = torch.cuda.is_available()
 
 
-def _rand_matrices(N, n, m, dtype=torch.complex128, seed=0, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    real = torch.randn(N, n, m, 2, generator=g, dtype=torch.float64) / math.sqrt(2 * m)
-    return torch.view_as_complex(real).to(device=device, dtype=dtype)
-
-
-def _rel(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
-
-
-def _grads(fn, P, Q, weight):
-    P = P.detach().clone().requires_grad_()
-    Q = None if Q is None else Q.detach().clone().requires_grad_()
-    K = fn(P, Q)
-    inputs = (P,) if Q is None else (P, Q)
-    return K.detach(), torch.autograd.grad((K * weight).sum(), inputs)
-
-
 # --------------------------------------------------------------------------------------------- the fused op itself
-
-
-@pytest.mark.parametrize("backend", FAST)
-@pytest.mark.parametrize("n", [1, 2, 3, 5, 6])
-@pytest.mark.parametrize("sizes", [(1, 1), (2, 3), (17, 3), (13, None)])
-def test_op_float64_matches_naive_permanent(backend, n, sizes):
-    N, M = sizes
-    m = n + 3
-    P = _rand_matrices(N, n, m, seed=n)
-    Q = None if M is None else _rand_matrices(M, n, m, seed=100 + n)
-    weight = torch.randn(N, N if M is None else M, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
-    k_ref, g_ref = _grads(reference.photonic_fidelity, P, Q, weight)
-    k, g = _grads(lambda p, q: qrkd.photonic_fidelity(p, q, backend=backend), P, Q, weight)
-    assert k.shape == k_ref.shape and k.dtype == torch.float64
-    assert _rel(k, k_ref) < 1e-10
-    for a, b in zip(g, g_ref):
-        assert _rel(a, b) < 1e-8
-
-
-@pytest.mark.parametrize("backend", FAST)
-@pytest.mark.parametrize("n", [2, 4])
-def test_op_float32_criterion(backend, n):
-    N, M, m = 17, 5, 7
-    P64, Q64 = _rand_matrices(N, n, m, seed=3), _rand_matrices(M, n, m, seed=4)
-    weight = torch.randn(N, M, dtype=torch.float64)
-    k64, g64 = _grads(reference.photonic_fidelity, P64, Q64, weight)
-    k_r32, g_r32 = _grads(reference.photonic_fidelity, P64.to(torch.complex64), Q64.to(torch.complex64), weight.float())
-    k32, g32 = _grads(
-        lambda p, q: qrkd.photonic_fidelity(p, q, backend=backend),
-        P64.to(torch.complex64),
-        Q64.to(torch.complex64),
-        weight.float(),
-    )
-    assert k32.dtype == torch.float32
-    ref_err = (k_r32.double() - k64).abs().max()
-    assert (k32.double() - k64).abs().max() <= 2 * ref_err + 2e-5 * k64.abs().max()
-    for a, r, b in zip(g32, g_r32, g64):
-        ref_err = (r.to(torch.complex128) - b).abs().max()
-        assert (a.to(torch.complex128) - b).abs().max() <= 2 * ref_err + 1e-5 * b.abs().max() + 1e-6
-
-
-@pytest.mark.parametrize("backend", FAST)
-def test_op_gradcheck(backend):
-    P = _rand_matrices(4, 3, 4, seed=11).requires_grad_()
-    Q = _rand_matrices(3, 3, 4, seed=12).requires_grad_()
-    assert torch.autograd.gradcheck(lambda p, q: qrkd.photonic_fidelity(p, q, backend=backend), (P, Q))
-    assert torch.autograd.gradcheck(lambda p: qrkd.photonic_fidelity(p, backend=backend), (P,))
-
-
-@pytest.mark.parametrize("backend", FAST)
-def test_op_grad_output_and_partial_requires_grad(backend):
-    P, Q = _rand_matrices(5, 2, 3, seed=1), _rand_matrices(6, 2, 3, seed=2).requires_grad_()
-    K = qrkd.photonic_fidelity(P, Q, backend=backend)
-    (gq,) = torch.autograd.grad(3.0 * K.sum(), (Q,))
-    Qr = Q.detach().clone().requires_grad_()
-    (gq_ref,) = torch.autograd.grad(3.0 * reference.photonic_fidelity(P, Qr).sum(), (Qr,))
-    assert _rel(gq, gq_ref) < 1e-8
 
 
 def test_op_twelve_photons_cpp_matches_torch():
     if "cpp" not in qrkd.available_backends():
         pytest.skip("the compiled extension is not built")
-    P, Q = _rand_matrices(2, 12, 12, seed=5), _rand_matrices(3, 12, 12, seed=6)
+    P, Q = make_matrices(2, 12, 12, seed=5), make_matrices(3, 12, 12, seed=6)
     w = torch.randn(2, 3, dtype=torch.float64)
-    k_c, g_c = _grads(lambda p, q: qrkd.photonic_fidelity(p, q, backend="cpp"), P, Q, w)
-    k_t, g_t = _grads(lambda p, q: qrkd.photonic_fidelity(p, q, backend="torch"), P, Q, w)
-    assert _rel(k_c, k_t) < 1e-9
+    k_c, g_c = matrix_grads(lambda p, q: qrkd.photonic_fidelity(p, q, backend="cpp"), P, Q, w)
+    k_t, g_t = matrix_grads(lambda p, q: qrkd.photonic_fidelity(p, q, backend="torch"), P, Q, w)
+    assert relative_error(k_c, k_t) < 1e-9
     for a, b in zip(g_c, g_t):
-        assert _rel(a, b) < 1e-8
+        assert relative_error(a, b) < 1e-8
 
 
 def test_op_real_imaginary_pairs():
-    P = _rand_matrices(4, 3, 5, seed=9)
+    P = make_matrices(4, 3, 5, seed=9)
     K = qrkd.photonic_fidelity(torch.view_as_real(P), backend="torch")
-    assert _rel(K, reference.photonic_fidelity(P)) < 1e-12
+    assert relative_error(K, reference.photonic_fidelity(P)) < 1e-12
 
 
 def test_op_bad_input():
-    P = _rand_matrices(3, 2, 4)
+    P = make_matrices(3, 2, 4)
     with pytest.raises(TypeError, match="P"):
         qrkd.photonic_fidelity(P.real)
     with pytest.raises(ValueError, match="P"):
@@ -128,25 +53,17 @@ def test_op_bad_input():
     with pytest.raises(ValueError, match="P"):
         qrkd.photonic_fidelity(P[:0])
     with pytest.raises(ValueError, match="12"):
-        qrkd.photonic_fidelity(_rand_matrices(2, 13, 13))
+        qrkd.photonic_fidelity(make_matrices(2, 13, 13))
     with pytest.raises(ValueError, match="Q"):
-        qrkd.photonic_fidelity(P, _rand_matrices(3, 2, 5))
+        qrkd.photonic_fidelity(P, make_matrices(3, 2, 5))
     with pytest.raises(TypeError, match="P"):
         qrkd.photonic_fidelity([[1.0]])
-
-
-def test_op_nan_propagates():
-    P = _rand_matrices(3, 2, 4)
-    P[1, 0, 0] = float("nan")
-    for backend in FAST:
-        K = qrkd.photonic_fidelity(P, backend=backend)
-        assert torch.isnan(K[1]).all() and torch.isfinite(K[0, 0])
 
 
 def test_op_custom_op_registration():
     if "cpp" not in qrkd.available_backends():
         pytest.skip("the compiled extension is not built")
-    P, Q = _rand_matrices(3, 2, 4, seed=1), _rand_matrices(5, 2, 4, seed=2)
+    P, Q = make_matrices(3, 2, 4, seed=1), make_matrices(5, 2, 4, seed=2)
     torch.library.opcheck(torch.ops.qrkd.photonic_fidelity.default, (P, Q, False))
     torch.library.opcheck(torch.ops.qrkd.photonic_fidelity.default, (P, P, True))
     G = torch.randn(3, 5, dtype=torch.float64)
@@ -238,7 +155,7 @@ def test_kernel_grad_matches_naive(backend):
     w = torch.randn(9, 9, dtype=torch.float64)
     (g,) = torch.autograd.grad((k(x, backend=backend) * w).sum(), (x,))
     (g_ref,) = torch.autograd.grad((k(x, backend="reference") * w).sum(), (x,))
-    assert _rel(g, g_ref) < 1e-8
+    assert relative_error(g, g_ref) < 1e-8
 
 
 def test_kernel_bad_input():
@@ -420,20 +337,20 @@ def test_cuda_op_matches_cpu(n, dtype):
     if not cpp.has_cuda_kernels():
         pytest.skip("qrkd._C was built without CUDA kernels")
     N, M, m = (37, 19, n + 2) if n <= 8 else (5, 3, n)
-    P, Q = _rand_matrices(N, n, m, dtype=dtype, seed=n), _rand_matrices(M, n, m, dtype=dtype, seed=50 + n)
+    P, Q = make_matrices(N, n, m, dtype=dtype, seed=n), make_matrices(M, n, m, dtype=dtype, seed=50 + n)
     rtol = 1e-10 if dtype == torch.complex128 else 1e-5
     for q in (None, Q):
         w = torch.randn(N, N if q is None else M, dtype=torch.float64).to(P.real.dtype)
-        k_cpu, g_cpu = _grads(lambda p, qq: qrkd.photonic_fidelity(p, qq, backend="cpp"), P, q, w)
-        k_gpu, g_gpu = _grads(
+        k_cpu, g_cpu = matrix_grads(lambda p, qq: qrkd.photonic_fidelity(p, qq, backend="cpp"), P, q, w)
+        k_gpu, g_gpu = matrix_grads(
             lambda p, qq: qrkd.photonic_fidelity(p, qq, backend="cpp"),
             P.cuda(),
             None if q is None else q.cuda(),
             w.cuda(),
         )
-        assert k_gpu.is_cuda and _rel(k_gpu.cpu(), k_cpu) < rtol
+        assert k_gpu.is_cuda and relative_error(k_gpu.cpu(), k_cpu) < rtol
         for a, b in zip(g_gpu, g_cpu):
-            assert _rel(a.cpu(), b) < 10 * rtol
+            assert relative_error(a.cpu(), b) < 10 * rtol
 
 
 @pytest.mark.gpu
