@@ -118,7 +118,10 @@ setup(
     long_description=open("README.md").read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["qrkd", "qrkd.*"]),
+    # the Triton kernels live at the top of the repository (kernels/) and install as qrkd.kernels: nothing named
+    # `kernels` lands at the top of site-packages
+    packages=find_packages(include=["qrkd", "qrkd.*"]) + ["qrkd.kernels"],
+    package_dir={"qrkd.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass={"build_py": build_py_with_sources, **cmdclass},
     install_requires=requirements + ["numpy", "tqdm"],

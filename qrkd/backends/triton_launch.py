@@ -20,6 +20,7 @@ import os
 
 import torch
 
+from ..relations import FEATURE_OPS
 from .autograd_limits import fused_backward, vmap_refusal
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
@@ -27,49 +28,37 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
 try:
     import triton
 
-    from qrkd import kernels as _k
+    from qrkd import kernels
 
     _IMPORT_ERROR = None
 except Exception as exc:  # ImportError, or a triton that fails while initialising
     triton = None
-    _k = None
+    kernels = None
     _IMPORT_ERROR = exc
 
 EPS = 1e-12
-_OPS = ("rkd_distance_loss", "rkd_angle_loss", "fidelity_kernel_loss", "fidelity_kernel_matrix")
+_OPS = FEATURE_OPS  # every relation on real features; not the photonic kernel
 _DTYPES = (torch.float32, torch.float64)
 
-# Block sizes per kernel family. Under the interpreter every program instance costs milliseconds whatever its size,
-# so one program covers a whole 64 x 64 tile there; tests shrink these to exercise the multi-tile paths.
+# Block sizes per kernel family, one row per family: (under the interpreter, on a GPU in float32, in float64).
 #   sq: (BLOCK_I, BLOCK_J, max BLOCK_D, warps)   tail: (BLOCK_I, BLOCK_J, warps)   angle: (BLOCK_A, BLOCK, warps)
-#   pair: (BLOCK_U, BLOCK_V, max BLOCK_D, warps)  fid: (BLOCK_I, BLOCK_J, max BLOCK_D, warps)  rows: (BLOCK_N, BLOCK_D, warps)
-INTERPRETER_BLOCKS = {
-    "sq": (64, 64, 32, 4),
-    "tail": (64, 64, 4),
-    "angle": (64, 64, 4),
-    "pair": (64, 64, 256, 4),
-    "fid": (64, 64, 256, 4),
-    "rows": (64, 256, 4),
+#   pair: (BLOCK_U, BLOCK_V, max BLOCK_D, warps)  fid: (BLOCK_I, BLOCK_J, max BLOCK_D, warps)
+#   rows: (BLOCK_N, BLOCK_D, warps)
+# Under the interpreter every program instance costs milliseconds whatever its size, so one program covers a whole
+# 64 x 64 tile there; tests shrink these to exercise the multi-tile paths. The GPU sizes are chosen so that no variant
+# spills registers on sm_90 (checked with cuobjdump on the AOT-compiled kernels, triton 3.7); not yet tuned by timing.
+_BLOCK_TABLE = {
+    "sq": ((64, 64, 32, 4), (32, 32, 8, 4), (32, 32, 4, 4)),
+    "tail": ((64, 64, 4), (64, 64, 8), (32, 32, 4)),
+    "angle": ((64, 64, 4), (64, 64, 16), (64, 32, 8)),
+    "pair": ((64, 64, 256, 4), (64, 32, 64, 8), (32, 32, 32, 4)),
+    "fid": ((64, 64, 256, 4), (64, 64, 32, 8), (32, 32, 16, 4)),
+    "rows": ((64, 256, 4), (16, 128, 4), (16, 64, 4)),
 }
-# Chosen so that no variant spills registers on sm_90 (checked with cuobjdump on the AOT-compiled kernels, triton 3.7);
-# not yet tuned by timing on a GPU.
+INTERPRETER_BLOCKS = {kind: sizes[0] for kind, sizes in _BLOCK_TABLE.items()}
 GPU_BLOCKS = {
-    torch.float32: {
-        "sq": (32, 32, 8, 4),
-        "tail": (64, 64, 8),
-        "angle": (64, 64, 16),
-        "pair": (64, 32, 64, 8),
-        "fid": (64, 64, 32, 8),
-        "rows": (16, 128, 4),
-    },
-    torch.float64: {
-        "sq": (32, 32, 4, 4),
-        "tail": (32, 32, 4),
-        "angle": (64, 32, 8),
-        "pair": (32, 32, 32, 4),
-        "fid": (32, 32, 16, 4),
-        "rows": (16, 64, 4),
-    },
+    dtype: {kind: sizes[column] for kind, sizes in _BLOCK_TABLE.items()}
+    for column, dtype in ((1, torch.float32), (2, torch.float64))
 }
 
 
@@ -121,7 +110,7 @@ def _sq_distances(x, stats_zero_diagonal=None):
     q = torch.empty(n, n, dtype=x.dtype, device=x.device)
     want_stats = stats_zero_diagonal is not None
     stats = torch.empty(grid[0] * grid[1], 2, dtype=torch.float64, device=x.device) if want_stats else q
-    _k.common.pairwise_sq_dist_kernel[grid](
+    kernels.common.pairwise_sq_dist_kernel[grid](
         x, q, stats, n, d,
         STATS=want_stats, ZERO_DIAG=bool(stats_zero_diagonal),
         BLOCK_I=bi, BLOCK_J=bj, BLOCK_D=_pow2(d, 4, bd), num_warps=warps,
@@ -136,7 +125,7 @@ def _pair_matmul(w, y, laplacian):
     bd = _pow2(d, 16, bd)
     out = torch.empty_like(y)
     grid = (triton.cdiv(n, bu), triton.cdiv(d, bd))
-    _k.common.pair_matmul_kernel[grid](
+    kernels.common.pair_matmul_kernel[grid](
         w, y, out, n, d, LAPLACIAN=laplacian, BLOCK_U=bu, BLOCK_V=bv, BLOCK_D=bd, num_warps=warps
     )
     return out
@@ -150,6 +139,39 @@ def _grad_from_pair_grad(x, grad_q, precision=None):
     return _pair_matmul(grad_q.to(xc.dtype), xc, laplacian=True).to(x.dtype)
 
 
+def _save(ctx, inputs, output):
+    """setup_context of every Function here: forward returns (result, *intermediates); the tensor inputs and the
+    intermediates (not differentiable) are saved, the other inputs kept as ctx.options."""
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(*(x for x in inputs if isinstance(x, torch.Tensor)), *output[1:])
+    ctx.options = tuple(x for x in inputs if not isinstance(x, torch.Tensor))
+    ctx.n_inputs = len(inputs)
+
+
+def _function(op, forward, gradient, double_backward_in=("reference",)):
+    """An autograd.Function: forward(*inputs) -> (result, *intermediates); backward runs the fused
+    gradient(*tensor inputs, *intermediates, incoming gradient, *options) -> d result / d first input through
+    fused_backward, so that differentiating it again refuses by name (backends in double_backward_in support it)."""
+
+    def backward(ctx, grad, *_intermediates):
+        options = ctx.options
+
+        def compute(*tensors):
+            with _on_device(tensors[0]):
+                return gradient(*tensors, *options)
+
+        dx = fused_backward(compute, (*ctx.saved_tensors, grad), "triton", op, double_backward_in)
+        return (dx,) + (None,) * (ctx.n_inputs - 1)
+
+    members = {
+        "forward": staticmethod(forward),
+        "setup_context": staticmethod(_save),
+        "backward": staticmethod(backward),
+        "vmap": vmap_refusal("triton", op),
+    }
+    return type(f"_{op}", (torch.autograd.Function,), members)
+
+
 # ------------------------------------------------------------------------------------------------------- distance
 
 
@@ -160,58 +182,41 @@ def _inverse_mean(stats):
     return torch.where(count > 0, 1.0 / mu, torch.zeros_like(mu)), count
 
 
-def _distance_tail(qs, qt, scal, zero_diagonal, grad_out=None):
+def _distance_tail(qs, qt, mu_terms, zero_diagonal, grad_out=None):
     n = qs.shape[0]
     bi, bj, warps = _blocks("tail", qs.dtype)
     grid = (triton.cdiv(n, bi), triton.cdiv(n, bj))
     parts = torch.empty(grid[0] * grid[1], 2, dtype=torch.float64, device=qs.device) if grad_out is None else qs
-    _k.rkd_distance.distance_tail_kernel[grid](
-        qs, qt, scal, parts, qs if grad_out is None else grad_out, n,
+    kernels.rkd_distance.distance_tail_kernel[grid](
+        qs, qt, mu_terms, parts, qs if grad_out is None else grad_out, n,
         BACKWARD=grad_out is not None, ZERO_DIAG=zero_diagonal, BLOCK_I=bi, BLOCK_J=bj, num_warps=warps,
     )  # fmt: skip
     return parts
 
 
-class _DistanceLoss(torch.autograd.Function):
-    vmap = vmap_refusal("triton", "rkd_distance_loss")
+def _distance_forward(student, teacher, zero_diagonal):
+    s, t = _prepare(student), _prepare(teacher)
+    n = s.shape[0]
+    with _on_device(s):
+        qs, stats_s = _sq_distances(s, zero_diagonal)
+        qt, stats_t = _sq_distances(t, zero_diagonal)
+        inv_s, count_s = _inverse_mean(stats_s)
+        inv_t, _ = _inverse_mean(stats_t)
+        mu_terms = torch.stack([inv_s, inv_t, torch.zeros_like(inv_s)]).to(s.dtype)
+        parts = _distance_tail(qs, qt, mu_terms, zero_diagonal)
+    loss_sum, gd_sum = parts.sum(dim=0).unbind()
+    # the gradient through mu_s: (sum g d_s) / (mu_s^2 count_s)
+    mu_term = gd_sum * inv_s * inv_s / count_s.clamp(min=1.0)
+    return (loss_sum / float(n) ** 2).to(s.dtype), qs, qt, torch.stack([inv_s, inv_t, mu_term]).to(s.dtype)
 
-    @staticmethod
-    def forward(student, teacher, zero_diagonal):
-        s, t = _prepare(student), _prepare(teacher)
-        n = s.shape[0]
-        with _on_device(s):
-            qs, stats_s = _sq_distances(s, zero_diagonal)
-            qt, stats_t = _sq_distances(t, zero_diagonal)
-            inv_s, count_s = _inverse_mean(stats_s)
-            inv_t, _ = _inverse_mean(stats_t)
-            scal = torch.stack([inv_s, inv_t, torch.zeros_like(inv_s)]).to(s.dtype)
-            parts = _distance_tail(qs, qt, scal, zero_diagonal)
-        loss_sum, gd_sum = parts.sum(dim=0).unbind()
-        # the gradient through mu_s: (sum g d_s) / (mu_s^2 count_s)
-        mu_term = gd_sum * inv_s * inv_s / count_s.clamp(min=1.0)
-        return (loss_sum / float(n) ** 2).to(s.dtype), qs, qt, torch.stack([inv_s, inv_t, mu_term]).to(s.dtype)
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        student, teacher, zero_diagonal = inputs
-        _, qs, qt, scal = output
-        ctx.mark_non_differentiable(qs, qt, scal)
-        ctx.save_for_backward(student, teacher, qs, qt, scal)
-        ctx.zero_diagonal = zero_diagonal
+def _distance_gradient(student, teacher, qs, qt, mu_terms, grad_output, zero_diagonal):
+    grad_q = torch.empty_like(qs)
+    _distance_tail(qs, qt, mu_terms, zero_diagonal, grad_out=grad_q)
+    return _grad_from_pair_grad(_prepare(student), grad_q) * (grad_output / float(qs.shape[0]) ** 2)
 
-    @staticmethod
-    def backward(ctx, grad_output, *_intermediates):
-        zero_diagonal = ctx.zero_diagonal
 
-        def compute(student, teacher, qs, qt, scal, grad_output):
-            with _on_device(qs):
-                grad_q = torch.empty_like(qs)
-                _distance_tail(qs, qt, scal, zero_diagonal, grad_out=grad_q)
-                return _grad_from_pair_grad(_prepare(student), grad_q) * (grad_output / float(qs.shape[0]) ** 2)
-
-        tensors = (*ctx.saved_tensors, grad_output)
-        dx = fused_backward(compute, tensors, "triton", "rkd_distance_loss", ("reference", "torch"))
-        return dx, None, None
+_DistanceLoss = _function("rkd_distance_loss", _distance_forward, _distance_gradient, ("reference", "torch"))
 
 
 def rkd_distance_loss(student, teacher, zero_diagonal=False):
@@ -228,52 +233,36 @@ def _angle_pass(qs, qt, anchor_start, anchor_stop, grad_q=None, work_f32=False):
     tiles = triton.cdiv(n, block)
     grid = (triton.cdiv(anchor_stop - anchor_start, block_a), tiles, tiles)
     parts = torch.zeros(grid[0] * tiles * tiles, dtype=torch.float64, device=qs.device) if grad_q is None else qs
-    _k.rkd_angle.angle_triplet_kernel[grid](
+    kernels.rkd_angle.angle_triplet_kernel[grid](
         qs, qt, parts, qs if grad_q is None else grad_q, n, anchor_start, anchor_stop,
         BACKWARD=grad_q is not None, BLOCK_A=block_a, BLOCK=block, WORK_F32=work_f32, num_warps=warps,
     )  # fmt: skip
     return parts
 
 
-class _AngleLoss(torch.autograd.Function):
-    vmap = vmap_refusal("triton", "rkd_angle_loss")
+def _angle_forward(student, teacher, anchor_start, anchor_stop):
+    s, t = _prepare(student), _prepare(teacher)
+    n = s.shape[0]
+    if anchor_stop == anchor_start:
+        empty = s.new_empty((0,))
+        return s.new_zeros(()), empty, empty
+    with _on_device(s):
+        qs, _ = _sq_distances(s.double())
+        qt, _ = _sq_distances(t.double())
+        total = _angle_pass(qs, qt, anchor_start, anchor_stop, work_f32=s.dtype == torch.float32).sum()
+    return (total / float(n) ** 3).to(s.dtype), qs, qt
 
-    @staticmethod
-    def forward(student, teacher, anchor_start, anchor_stop):
-        s, t = _prepare(student), _prepare(teacher)
-        n = s.shape[0]
-        if anchor_stop == anchor_start:
-            empty = s.new_empty((0,))
-            return s.new_zeros(()), empty, empty
-        with _on_device(s):
-            qs, _ = _sq_distances(s.double())
-            qt, _ = _sq_distances(t.double())
-            total = _angle_pass(qs, qt, anchor_start, anchor_stop, work_f32=s.dtype == torch.float32).sum()
-        return (total / float(n) ** 3).to(s.dtype), qs, qt
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        student, teacher, anchor_start, anchor_stop = inputs
-        _, qs, qt = output
-        ctx.mark_non_differentiable(qs, qt)
-        ctx.save_for_backward(student, teacher, qs, qt)
-        ctx.anchors = (anchor_start, anchor_stop)
+def _angle_gradient(student, teacher, qs, qt, grad_output, anchor_start, anchor_stop):
+    if qs.numel() == 0:  # an empty anchor range
+        return torch.zeros_like(student)
+    s = _prepare(student)
+    grad_q = torch.zeros(qs.shape, dtype=s.dtype, device=qs.device)
+    _angle_pass(qs, qt, anchor_start, anchor_stop, grad_q=grad_q, work_f32=s.dtype == torch.float32)
+    return _grad_from_pair_grad(s, grad_q, torch.float64) * (grad_output / float(qs.shape[0]) ** 3)
 
-    @staticmethod
-    def backward(ctx, grad_output, *_intermediates):
-        anchors = ctx.anchors
 
-        def compute(student, teacher, qs, qt, grad_output):
-            if qs.numel() == 0:  # an empty anchor range
-                return torch.zeros_like(student)
-            s = _prepare(student)
-            with _on_device(qs):
-                grad_q = torch.zeros(qs.shape, dtype=s.dtype, device=qs.device)
-                _angle_pass(qs, qt, *anchors, grad_q=grad_q, work_f32=s.dtype == torch.float32)
-                return _grad_from_pair_grad(s, grad_q, torch.float64) * (grad_output / float(qs.shape[0]) ** 3)
-
-        dx = fused_backward(compute, (*ctx.saved_tensors, grad_output), "triton", "rkd_angle_loss")
-        return dx, None, None, None
+_AngleLoss = _function("rkd_angle_loss", _angle_forward, _angle_gradient)
 
 
 def rkd_angle_loss(student, teacher, anchor_start=0, anchor_stop=None):
@@ -292,7 +281,7 @@ def _normalize(x):
     bn, bd, warps = _blocks("rows", x.dtype)
     psi = torch.empty_like(x)
     norm = torch.empty(n, dtype=x.dtype, device=x.device)
-    _k.fidelity.normalize_rows_kernel[(triton.cdiv(n, bn),)](
+    kernels.fidelity.normalize_rows_kernel[(triton.cdiv(n, bn),)](
         x, psi, norm, n, d, BLOCK_N=bn, BLOCK_D=_pow2(d, 4, bd), num_warps=warps
     )
     return psi, norm
@@ -302,7 +291,7 @@ def _normalize_backward(psi, norm, dpsi):
     n, d = psi.shape
     bn, bd, warps = _blocks("rows", psi.dtype)
     dx = torch.empty_like(psi)
-    _k.fidelity.normalize_rows_backward_kernel[(triton.cdiv(n, bn),)](
+    kernels.fidelity.normalize_rows_backward_kernel[(triton.cdiv(n, bn),)](
         psi, norm, dpsi, dx, n, d, BLOCK_N=bn, BLOCK_D=_pow2(d, 4, bd), num_warps=warps
     )
     return dx
@@ -313,7 +302,7 @@ def _fidelity_tiles(mode, ps, pt=None, gk=None, out=None):
     bi, bj, bd, warps = _blocks("fid", ps.dtype)
     grid = (triton.cdiv(n, bi), triton.cdiv(n, bj))
     parts = torch.empty(grid[0] * grid[1], dtype=torch.float64, device=ps.device) if out is None else ps
-    _k.fidelity.fidelity_tile_kernel[grid](
+    kernels.fidelity.fidelity_tile_kernel[grid](
         ps, ps if pt is None else pt, ps if gk is None else gk, ps if out is None else out, parts, n, d,
         MODE=mode, BLOCK_I=bi, BLOCK_J=bj, BLOCK_D=_pow2(d, 16, bd), num_warps=warps,
     )  # fmt: skip
@@ -325,75 +314,54 @@ def _fidelity_backward(psi, norm, w, scale):
     return _normalize_backward(psi, norm, dpsi) * scale
 
 
-class _FidelityLoss(torch.autograd.Function):
-    vmap = vmap_refusal("triton", "fidelity_kernel_loss")
+def _fidelity_loss_forward(student, teacher):
+    s, t = _prepare(student), _prepare(teacher)
+    if s.shape[1] != t.shape[1]:
+        raise ValueError(
+            f"student and teacher must have the same width here (truncate first), got {s.shape[1]} and {t.shape[1]}"
+        )
+    with _on_device(s):
+        psi_s, norm_s = _normalize(s)
+        psi_t, _ = _normalize(t)
+        total = _fidelity_tiles(kernels.fidelity.MODE_LOSS, psi_s, pt=psi_t).sum()
+    return (total / float(s.shape[0]) ** 2).to(s.dtype), psi_s, norm_s, psi_t
 
-    @staticmethod
-    def forward(student, teacher):
-        s, t = _prepare(student), _prepare(teacher)
-        if s.shape[1] != t.shape[1]:
-            raise ValueError(
-                f"student and teacher must have the same width here (truncate first), got {s.shape[1]} and {t.shape[1]}"
-            )
-        with _on_device(s):
-            psi_s, norm_s = _normalize(s)
-            psi_t, _ = _normalize(t)
-            total = _fidelity_tiles(_k.fidelity.MODE_LOSS, psi_s, pt=psi_t).sum()
-        return (total / float(s.shape[0]) ** 2).to(s.dtype), psi_s, norm_s, psi_t
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _, psi_s, norm_s, psi_t = output
-        ctx.mark_non_differentiable(psi_s, norm_s, psi_t)
-        ctx.save_for_backward(*inputs, psi_s, norm_s, psi_t)
+def _fidelity_loss_gradient(student, teacher, psi_s, norm_s, psi_t, grad_output):
+    n = psi_s.shape[0]
+    w = torch.empty(n, n, dtype=psi_s.dtype, device=psi_s.device)
+    _fidelity_tiles(kernels.fidelity.MODE_GRAD_LOSS, psi_s, pt=psi_t, out=w)
+    return _fidelity_backward(psi_s, norm_s, w, grad_output / float(n) ** 2)
 
-    @staticmethod
-    def backward(ctx, grad_output, *_intermediates):
-        def compute(student, teacher, psi_s, norm_s, psi_t, grad_output):
-            n = psi_s.shape[0]
-            with _on_device(psi_s):
-                w = torch.empty(n, n, dtype=psi_s.dtype, device=psi_s.device)
-                _fidelity_tiles(_k.fidelity.MODE_GRAD_LOSS, psi_s, pt=psi_t, out=w)
-                return _fidelity_backward(psi_s, norm_s, w, grad_output / float(n) ** 2)
 
-        tensors = (*ctx.saved_tensors, grad_output)
-        dx = fused_backward(compute, tensors, "triton", "fidelity_kernel_loss", ("reference", "torch"))
-        return dx, None
+_FidelityLoss = _function(
+    "fidelity_kernel_loss", _fidelity_loss_forward, _fidelity_loss_gradient, ("reference", "torch")
+)
 
 
 def fidelity_kernel_loss(student, teacher):
     return _FidelityLoss.apply(student, teacher)[0]
 
 
-class _FidelityMatrix(torch.autograd.Function):
-    vmap = vmap_refusal("triton", "fidelity_kernel_matrix")
+def _fidelity_matrix_forward(x):
+    x = _prepare(x)
+    n = x.shape[0]
+    with _on_device(x):
+        psi, norm = _normalize(x)
+        k = torch.empty(n, n, dtype=x.dtype, device=x.device)
+        _fidelity_tiles(kernels.fidelity.MODE_MATRIX, psi, out=k)
+    return k, psi, norm
 
-    @staticmethod
-    def forward(x):
-        x = _prepare(x)
-        n = x.shape[0]
-        with _on_device(x):
-            psi, norm = _normalize(x)
-            k = torch.empty(n, n, dtype=x.dtype, device=x.device)
-            _fidelity_tiles(_k.fidelity.MODE_MATRIX, psi, out=k)
-        return k, psi, norm
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _, psi, norm = output
-        ctx.mark_non_differentiable(psi, norm)
-        ctx.save_for_backward(inputs[0], psi, norm)
+def _fidelity_matrix_gradient(x, psi, norm, grad_k):
+    w = torch.empty(psi.shape[0], psi.shape[0], dtype=psi.dtype, device=psi.device)
+    _fidelity_tiles(kernels.fidelity.MODE_GRAD_MATRIX, psi, gk=grad_k.to(psi.dtype).contiguous(), out=w)
+    return _fidelity_backward(psi, norm, w, 1.0)
 
-    @staticmethod
-    def backward(ctx, grad_k, *_intermediates):
-        def compute(x, psi, norm, grad_k):
-            with _on_device(psi):
-                w = torch.empty(psi.shape[0], psi.shape[0], dtype=psi.dtype, device=psi.device)
-                _fidelity_tiles(_k.fidelity.MODE_GRAD_MATRIX, psi, gk=grad_k.to(psi.dtype).contiguous(), out=w)
-                return _fidelity_backward(psi, norm, w, 1.0)
 
-        tensors = (*ctx.saved_tensors, grad_k)
-        return fused_backward(compute, tensors, "triton", "fidelity_kernel_matrix", ("reference", "torch"))
+_FidelityMatrix = _function(
+    "fidelity_kernel_matrix", _fidelity_matrix_forward, _fidelity_matrix_gradient, ("reference", "torch")
+)
 
 
 def fidelity_kernel_matrix(x):

@@ -8,7 +8,7 @@ dx_i = (dpsi_i - [|x_i| >= 1e-12] psi_i (psi_i . dpsi_i)) / max(|x_i|, 1e-12).
 import triton
 import triton.language as tl
 
-from .common import pair_matmul_kernel  # noqa: F401  (re-exported)
+from .common import block_range, pair_matmul_kernel  # noqa: F401  (pair_matmul_kernel re-exported)
 
 MODE_MATRIX = 0  # out = K
 MODE_LOSS = 1  # part[pid] = sum smooth_l1(K_s - K_t) over the tile
@@ -17,51 +17,52 @@ MODE_GRAD_MATRIX = 3  # out = W = 2 c gk
 
 
 @triton.jit
+def _row_columns(base, mask_n, k0, D, BLOCK_D: tl.constexpr):
+    """Offsets and mask of the columns k0 .. k0 + BLOCK_D - 1 of the rows that start at offsets `base` (BLOCK_N x 1)."""
+    cols, mask_d = block_range(k0, BLOCK_D, D)
+    return base + cols[None, :], mask_n[:, None] & mask_d[None, :]
+
+
+@triton.jit
+def _row_dots(a_ptr, b_ptr, base, mask_n, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """sum_k a_ik b_ik for each of the rows that start at offsets `base`, in the data's precision."""
+    acc = tl.zeros((BLOCK_N,), dtype=a_ptr.dtype.element_ty)
+    for k0 in range(0, D, BLOCK_D):
+        offs, m = _row_columns(base, mask_n, k0, D, BLOCK_D)
+        acc += tl.sum(tl.load(a_ptr + offs, mask=m, other=0.0) * tl.load(b_ptr + offs, mask=m, other=0.0), axis=1)
+    return acc
+
+
+@triton.jit
 def normalize_rows_kernel(x_ptr, psi_ptr, norm_ptr, N, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """norm_i = |x_i|, psi_i = x_i / max(norm_i, 1e-12)."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = rows < N
+    rows, mask_n = block_range(tl.program_id(0) * BLOCK_N, BLOCK_N, N)
     base = rows.to(tl.int64)[:, None] * D
-    sq = tl.zeros((BLOCK_N,), dtype=psi_ptr.dtype.element_ty)
-    for k0 in range(0, D, BLOCK_D):
-        cols = k0 + tl.arange(0, BLOCK_D)
-        m = mask_n[:, None] & (cols < D)[None, :]
-        x = tl.load(x_ptr + base + cols[None, :], mask=m, other=0.0)
-        sq += tl.sum(x * x, axis=1)
-    norm = tl.sqrt(sq)
+    norm = tl.sqrt(_row_dots(x_ptr, x_ptr, base, mask_n, D, BLOCK_N, BLOCK_D))
     tl.store(norm_ptr + rows, norm, mask=mask_n)
     inv = 1.0 / tl.where(norm < 1e-12, 1e-12, norm)
     for k0 in range(0, D, BLOCK_D):
-        cols = k0 + tl.arange(0, BLOCK_D)
-        m = mask_n[:, None] & (cols < D)[None, :]
-        x = tl.load(x_ptr + base + cols[None, :], mask=m, other=0.0)
-        tl.store(psi_ptr + base + cols[None, :], x * inv[:, None], mask=m)
+        offs, m = _row_columns(base, mask_n, k0, D, BLOCK_D)
+        x = tl.load(x_ptr + offs, mask=m, other=0.0)
+        tl.store(psi_ptr + offs, x * inv[:, None], mask=m)
 
 
 @triton.jit
 def normalize_rows_backward_kernel(
     psi_ptr, norm_ptr, dpsi_ptr, dx_ptr, N, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr
 ):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = rows < N
+    rows, mask_n = block_range(tl.program_id(0) * BLOCK_N, BLOCK_N, N)
     base = rows.to(tl.int64)[:, None] * D
-    dot = tl.zeros((BLOCK_N,), dtype=psi_ptr.dtype.element_ty)
-    for k0 in range(0, D, BLOCK_D):
-        cols = k0 + tl.arange(0, BLOCK_D)
-        m = mask_n[:, None] & (cols < D)[None, :]
-        psi = tl.load(psi_ptr + base + cols[None, :], mask=m, other=0.0)
-        dpsi = tl.load(dpsi_ptr + base + cols[None, :], mask=m, other=0.0)
-        dot += tl.sum(psi * dpsi, axis=1)
+    dot = _row_dots(psi_ptr, dpsi_ptr, base, mask_n, D, BLOCK_N, BLOCK_D)
     norm = tl.load(norm_ptr + rows, mask=mask_n, other=1.0)
     # below the clamp psi = x / 1e-12 has no normalisation term
     dot = tl.where(norm >= 1e-12, dot, 0.0)
     inv = 1.0 / tl.where(norm < 1e-12, 1e-12, norm)
     for k0 in range(0, D, BLOCK_D):
-        cols = k0 + tl.arange(0, BLOCK_D)
-        m = mask_n[:, None] & (cols < D)[None, :]
-        psi = tl.load(psi_ptr + base + cols[None, :], mask=m, other=0.0)
-        dpsi = tl.load(dpsi_ptr + base + cols[None, :], mask=m, other=0.0)
-        tl.store(dx_ptr + base + cols[None, :], (dpsi - psi * dot[:, None]) * inv[:, None], mask=m)
+        offs, m = _row_columns(base, mask_n, k0, D, BLOCK_D)
+        psi = tl.load(psi_ptr + offs, mask=m, other=0.0)
+        dpsi = tl.load(dpsi_ptr + offs, mask=m, other=0.0)
+        tl.store(dx_ptr + offs, (dpsi - psi * dot[:, None]) * inv[:, None], mask=m)
 
 
 @triton.jit
@@ -82,17 +83,14 @@ def fidelity_tile_kernel(
     pt_ptr (the teacher's psi) is read in the loss modes only, gk_ptr (dL/dK) in MODE_GRAD_MATRIX only."""
     pid_i = tl.program_id(0)
     pid_j = tl.program_id(1)
-    rows_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
-    rows_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
-    mask_i = rows_i < N
-    mask_j = rows_j < N
+    rows_i, mask_i = block_range(pid_i * BLOCK_I, BLOCK_I, N)
+    rows_j, mask_j = block_range(pid_j * BLOCK_J, BLOCK_J, N)
     base_i = rows_i.to(tl.int64)[:, None] * D
     base_j = rows_j.to(tl.int64)[None, :] * D
     cs = tl.zeros((BLOCK_I, BLOCK_J), dtype=ps_ptr.dtype.element_ty)
     ct = tl.zeros((BLOCK_I, BLOCK_J), dtype=ps_ptr.dtype.element_ty)
     for k0 in range(0, D, BLOCK_D):
-        cols = k0 + tl.arange(0, BLOCK_D)
-        mask_k = cols < D
+        cols, mask_k = block_range(k0, BLOCK_D, D)
         mi = mask_i[:, None] & mask_k[None, :]
         mj = mask_k[:, None] & mask_j[None, :]
         a = tl.load(ps_ptr + base_i + cols[None, :], mask=mi, other=0.0)

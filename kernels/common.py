@@ -10,6 +10,13 @@ import triton.language as tl
 
 
 @triton.jit
+def block_range(start, BLOCK: tl.constexpr, N):
+    """The indices start .. start + BLOCK - 1 of a dimension of size N, and the mask of those below N."""
+    idx = start + tl.arange(0, BLOCK)
+    return idx, idx < N
+
+
+@triton.jit
 def pairwise_sq_dist_kernel(
     x_ptr,
     q_ptr,
@@ -30,16 +37,13 @@ def pairwise_sq_dist_kernel(
     """
     pid_i = tl.program_id(0)
     pid_j = tl.program_id(1)
-    rows_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
-    rows_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
-    mask_i = rows_i < N
-    mask_j = rows_j < N
+    rows_i, mask_i = block_range(pid_i * BLOCK_I, BLOCK_I, N)
+    rows_j, mask_j = block_range(pid_j * BLOCK_J, BLOCK_J, N)
     base_i = rows_i.to(tl.int64) * D
     base_j = rows_j.to(tl.int64) * D
     acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=q_ptr.dtype.element_ty)
     for k0 in range(0, D, BLOCK_D):
-        cols = k0 + tl.arange(0, BLOCK_D)
-        mask_k = cols < D
+        cols, mask_k = block_range(k0, BLOCK_D, D)
         xi = tl.load(x_ptr + base_i[:, None] + cols[None, :], mask=mask_i[:, None] & mask_k[None, :], other=0.0)
         xj = tl.load(x_ptr + base_j[:, None] + cols[None, :], mask=mask_j[:, None] & mask_k[None, :], other=0.0)
         diff = xi[:, None, :] - xj[None, :, :]
@@ -74,18 +78,13 @@ def pair_matmul_kernel(
     LAPLACIAN: out_u = 2 sum_v H_uv (y_u - y_v) = 2 (rowsum(H)_u y_u - (H y)_u)   (dL/dx from dL/dq)
     otherwise: out_u = (H y)_u.
     Pass centred y in the Laplacian form: the result is translation invariant and centring avoids cancellation."""
-    pid_u = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    rows_u = pid_u * BLOCK_U + tl.arange(0, BLOCK_U)
-    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_u = rows_u < N
-    mask_d = cols < D
+    rows_u, mask_u = block_range(tl.program_id(0) * BLOCK_U, BLOCK_U, N)
+    cols, mask_d = block_range(tl.program_id(1) * BLOCK_D, BLOCK_D, D)
     rows_u64 = rows_u.to(tl.int64)
     acc = tl.zeros((BLOCK_U, BLOCK_D), dtype=y_ptr.dtype.element_ty)
     rowsum = tl.zeros((BLOCK_U,), dtype=y_ptr.dtype.element_ty)
     for v0 in range(0, N, BLOCK_V):
-        rows_v = v0 + tl.arange(0, BLOCK_V)
-        mask_v = rows_v < N
+        rows_v, mask_v = block_range(v0, BLOCK_V, N)
         rows_v64 = rows_v.to(tl.int64)
         m = mask_u[:, None] & mask_v[None, :]
         h = tl.load(w_ptr + rows_u64[:, None] * N + rows_v[None, :], mask=m, other=0.0)

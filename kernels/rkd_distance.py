@@ -11,14 +11,14 @@ u = s - t and g = clamp(u, -1, 1) = smooth_l1'(u):
 import triton
 import triton.language as tl
 
-from .common import pair_matmul_kernel, pairwise_sq_dist_kernel  # noqa: F401  (re-exported)
+from .common import block_range, pair_matmul_kernel, pairwise_sq_dist_kernel  # noqa: F401  (the kernels re-exported)
 
 
 @triton.jit
 def distance_tail_kernel(
     qs_ptr,
     qt_ptr,
-    scal_ptr,
+    mu_terms_ptr,
     part_ptr,
     g_ptr,
     N,
@@ -27,19 +27,19 @@ def distance_tail_kernel(
     BLOCK_I: tl.constexpr,
     BLOCK_J: tl.constexpr,
 ):
-    """scal = (1/mu_s, 1/mu_t, (sum g d_s) / (mu_s^2 count_s)), 1/mu = 0 where no entry is positive.
+    """mu_terms = (1/mu_s, 1/mu_t, (sum g d_s) / (mu_s^2 count_s)), 1/mu = 0 where no entry is positive.
     Forward: part[2 pid] = sum smooth_l1(u) over the tile, part[2 pid + 1] = sum g d_s (kept for backward).
     Backward: writes the tile of G (unscaled: the caller applies grad_output / N^2)."""
     pid_i = tl.program_id(0)
     pid_j = tl.program_id(1)
-    rows_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
-    rows_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
-    mask = (rows_i < N)[:, None] & (rows_j < N)[None, :]
+    rows_i, mask_i = block_range(pid_i * BLOCK_I, BLOCK_I, N)
+    rows_j, mask_j = block_range(pid_j * BLOCK_J, BLOCK_J, N)
+    mask = mask_i[:, None] & mask_j[None, :]
     offs = rows_i.to(tl.int64)[:, None] * N + rows_j[None, :]
     qs = tl.load(qs_ptr + offs, mask=mask, other=0.0)
     qt = tl.load(qt_ptr + offs, mask=mask, other=0.0)
-    inv_s = tl.load(scal_ptr)
-    inv_t = tl.load(scal_ptr + 1)
+    inv_s = tl.load(mu_terms_ptr)
+    inv_t = tl.load(mu_terms_ptr + 1)
     # where-forms instead of maximum/minimum: on a GPU those drop NaN, and NaN features must give a NaN loss
     ds = tl.sqrt(tl.where(qs < 1e-12, 1e-12, qs))
     dt = tl.sqrt(tl.where(qt < 1e-12, 1e-12, qt))
@@ -50,7 +50,7 @@ def distance_tail_kernel(
     u = ds * inv_s - dt * inv_t
     g = tl.where(u > 1.0, 1.0, tl.where(u < -1.0, -1.0, u))
     if BACKWARD:
-        mu_term = tl.load(scal_ptr + 2)
+        mu_term = tl.load(mu_terms_ptr + 2)
         dl_dd = g * inv_s - tl.where(ds > 0, mu_term, 0.0)
         grad = tl.where(qs >= 1e-12, dl_dd * 0.5 / tl.where(ds > 0, ds, 1.0), 0.0)
         if ZERO_DIAG:
