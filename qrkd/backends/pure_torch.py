@@ -1,8 +1,12 @@
 """Pure torch, O(N^2) memory for every relation: the portable fallback (backend "torch").
 
-The angle loss uses the law of cosines on pairwise squared distances (DESIGN.md 3.3), walks the anchors in chunks so
-that no N^3 tensor exists, and recomputes in backward instead of saving intermediates. Every long loop works in
-chunks of a few million elements, so that Python's Ctrl-C handler runs between them.
+The angle loss walks the anchors in chunks so that no N^3 tensor exists; per side it forms the cosines as dot products
+of unit difference vectors (a batched matmul, narrow features) or by the law of cosines on float64 squared distances
+(wide features; DESIGN.md 3.3). When the loss will be differentiated, the same pass also forms the student gradient
+(N x D, kept for backward), so forward+backward walks the triplets once; otherwise backward recomputes. The distance
+loss sums small batches' squared distances from differences, larger ones from the Gram matrix with the cancelling
+pairs refined. Every long loop works in chunks of a few million elements, so that Python's Ctrl-C handler runs
+between them.
 
 Double backward: the distance and classical fidelity losses are plain torch and the photonic backward recomputes under
 autograd, so all three differentiate twice; the angle backward (chunked, in place) refuses with a clear error.
@@ -36,28 +40,41 @@ def supports(op, device_type, dtype):
 
 # a pair whose Gram formula cancels below this fraction of |x_i|^2 + |x_j|^2 is summed again from differences
 _GRAM_REFINE = 0.125
+# up to this many N x N x D elements the squared distances are summed from differences outright (exact, and three ops
+# where the Gram route takes a dozen: at small N the number of ops is the cost)
+_DIFFERENCES_MAX_ELEMENTS = 1 << 20
+
+
+def squared_distances(x):
+    n, width = x.shape
+    if n * n * width <= _DIFFERENCES_MAX_ELEMENTS:
+        return (x.unsqueeze(1) - x.unsqueeze(0)).pow(2).sum(dim=2)
+    return squared_distances_gram(x)
 
 
 def squared_distances_gram(x):
     """|x_i - x_j|^2 from the Gram matrix of the centred features, with an exact zero diagonal. The pairs where the
     formula cancels (duplicate and nearly coincident rows) take their value from differences: a GEMM does not promise
     equal entries for equal rows, and the cancellation costs close pairs their digits. Their gradient stays the Gram
-    formula's (the same function)."""
+    formula's (the same function). Few, fused torch ops: at small N their count is the cost."""
     xc = x - x.mean(dim=0, keepdim=True)
-    gram = xc @ xc.t()
-    sq = gram.diagonal()
-    norms = sq.unsqueeze(1) + sq.unsqueeze(0)
-    q = norms - 2.0 * gram
-    eye = torch.eye(len(x), dtype=torch.bool, device=x.device)
-    q = torch.where(eye, q * 0.0, q)  # 0, or NaN for a non-finite row (as the reference)
-    return q + _refinement(xc.detach(), q.detach(), norms.detach())
+    sq_norms = xc.pow(2).sum(dim=1)
+    norms = sq_norms.unsqueeze(1) + sq_norms.unsqueeze(0)
+    q = torch.addmm(norms, xc, xc.t(), alpha=-2.0)
+    q.diagonal().mul_(0.0)  # 0, or NaN for a non-finite row (as the reference); addmm keeps no output for backward
+    fix = _refinement(xc.detach(), q.detach(), norms.detach())
+    return q if fix is None else q + fix
 
 
 @torch.no_grad()
 def _refinement(xc, q, norms):
-    """0, except for the pairs i < j with q_ij < _GRAM_REFINE (|x_i|^2 + |x_j|^2): there (and at j, i), the sum of
-    squared differences minus q_ij (minus q_ji)."""
-    i, j = torch.nonzero(torch.triu(q < _GRAM_REFINE * norms, diagonal=1), as_tuple=True)
+    """None when no pair i < j has q_ij < _GRAM_REFINE (|x_i|^2 + |x_j|^2); else 0 except at those pairs: there (and at
+    j, i), the sum of squared differences minus q_ij (minus q_ji)."""
+    i, j = torch.nonzero(q < _GRAM_REFINE * norms, as_tuple=True)
+    upper = i < j  # the diagonal always qualifies (0 < norms): it stays exactly 0
+    i, j = i[upper], j[upper]
+    if len(i) == 0:
+        return None
     fix = torch.zeros_like(q)
     step = max(1, _CHUNK_ELEMENTS // xc.shape[1])
     for start in range(0, len(i), step):
@@ -69,10 +86,12 @@ def _refinement(xc, q, norms):
 
 
 def normalised_distances(x, zero_diagonal):
-    d = squared_distances_gram(x).clamp(min=EPS).sqrt()
-    if zero_diagonal:
-        eye = torch.eye(len(x), dtype=torch.bool, device=x.device)
-        d = torch.where(eye, d * 0.0, d)
+    d = squared_distances(x).clamp(min=EPS).sqrt()
+    if not zero_diagonal:
+        # every entry is >= 1e-6 > 0 (or NaN, and then so is the loss): the mean of the positive ones is the mean
+        return d / (d.mean() + EPS)
+    eye = torch.eye(len(x), dtype=torch.bool, device=x.device)
+    d = torch.where(eye, d * 0.0, d)
     positive = d > 0
     count = positive.sum()
     if count == 0:
@@ -88,6 +107,15 @@ def rkd_distance_loss(student, teacher, zero_diagonal=False):
 
 
 # ------------------------------------------------------------------------------------------------------------- angle
+
+# Two ways to the cosines of one side, chosen per side by its feature width (DESIGN.md 3.3):
+# - "dot": e_ab . e_ac as a batched matmul of the anchor's unit difference vectors (the reference's formula, no
+#   cancellation, O(N^3 D) flops in a GEMM, few passes over the N^3 cosines): faster while D is small;
+# - "law of cosines": (q_ab + q_ac - q_bc) / (2 d_ab d_ac) from float64 squared distances, O(N^3) scalar work
+#   whatever D, but more passes (some in float64): faster for wide features.
+# Measured side by side on 2 CPU cores (N = 128, 256, 512): the dot form wins at D = 4, 31 and 128 (up to 2-3x), the
+# law of cosines at D = 512 (2-3x).
+_DOT_MAX_WIDTH = 128
 
 
 def squared_distances_exact(x):
@@ -110,41 +138,82 @@ def _inverse(d):
     return torch.where(d > 0, 1.0 / torch.where(d > 0, d, torch.ones_like(d)), torch.zeros_like(d))
 
 
-def _angles(q, half_inv_d, rows):
-    """Angles of the anchors `rows`: A[a, b, c] = (q_ab + q_ac - q_bc) r_abc with r_abc = 1 / (2 d_ab d_ac), 0 where
-    either distance is 0. half_inv_d = sqrt(1/2) / d (0 where d = 0). Returns (A, r), both chunk x N x N."""
-    qa, ha = q[rows], half_inv_d[rows]
-    r = ha.unsqueeze(2) * ha.unsqueeze(1)
-    angles = torch.add(qa.unsqueeze(2), qa.unsqueeze(1)).sub_(q.unsqueeze(0)).to(r.dtype).mul_(r)
-    return angles, r
+class _AngleSide:
+    """What one side (student or teacher) needs for the cosines of any anchor chunk: its features for the dot-product
+    form, or its float64 squared distances and scaled inverse distances for the law of cosines."""
+
+    def __init__(self, x, work_dtype):
+        self.x = x
+        self.dot = x.shape[1] <= _DOT_MAX_WIDTH
+        if not self.dot:
+            self.sq_dist = squared_distances_exact(x)
+            # sqrt(1/2) / d, 0 where d = 0: a product of two is 1 / (2 d_ab d_ac)
+            self.half_inv_dist = (_inverse(self.sq_dist.sqrt()) * 0.5**0.5).to(work_dtype)
+
+    def angles(self, rows):
+        """(A, aux): A[a, b, c] for the anchors `rows` (chunk x N x N, in x's dtype for the dot form, the work dtype
+        for the law of cosines) and what the gradient of this side needs."""
+        if self.dot:
+            diff = self.x.unsqueeze(0) - self.x[rows].unsqueeze(1)  # diff[a, b] = x_b - x_a
+            norm = torch.linalg.vector_norm(diff, dim=2, keepdim=True)
+            # the reference's 1 / max(|diff|, 1e-12), and 0 where the points coincide (a NaN norm stays NaN)
+            inv_norm = norm.clamp(min=EPS).reciprocal_().mul_(norm > 0)
+            unit = diff.mul_(inv_norm)
+            return torch.bmm(unit, unit.transpose(1, 2)), (unit, inv_norm, norm)
+        q, h = self.sq_dist, self.half_inv_dist
+        qa, ha = q[rows], h[rows]
+        r = ha.unsqueeze(2) * ha.unsqueeze(1)  # 1 / (2 d_ab d_ac), 0 where either is 0
+        # the numerator in float64, the rest in the work dtype
+        angles = torch.add(qa.unsqueeze(2), qa.unsqueeze(1)).sub_(q.unsqueeze(0)).to(r.dtype).mul_(r)
+        return angles, r
 
 
-def angle_pass(qs, qt, want_grad, anchor_start=0, anchor_stop=None, dtype=None):
-    """Sum of smooth_l1 over the triplets whose anchor is in [anchor_start, anchor_stop) (default: all N^3) and, if
-    asked, G = d(sum)/dq_s (N x N, ordered pairs). The numerators q_ab + q_ac - q_bc are formed in q's precision, the
-    rest of the triplet work in `dtype` (default q's); the sum and G accumulate in q's precision."""
-    n = qs.shape[0]
+def angle_pass(student, teacher, want_grad, anchor_start=0, anchor_stop=None, work_dtype=None):
+    """Sum of smooth_l1 over the triplets whose anchor is in [anchor_start, anchor_stop) (default: all N^3), in float64,
+    and, if asked, its gradient in the student features (in the student's dtype, not yet divided by N^3)."""
+    n, width = student.shape
     anchor_stop = n if anchor_stop is None else anchor_stop
-    half = 0.5**0.5
-    dtype = qs.dtype if dtype is None else dtype
-    hs, ht = (_inverse(qs.sqrt()) * half).to(dtype), (_inverse(qt.sqrt()) * half).to(dtype)
-    chunk = max(1, min(n, _CHUNK_ELEMENTS // (n * n)))
-    total = qs.new_zeros(())
-    grad = torch.zeros_like(qs) if want_grad else None
+    work_dtype = student.dtype if work_dtype is None else work_dtype
+    s_side, t_side = _AngleSide(student, work_dtype), _AngleSide(teacher, work_dtype)
+    widest = max(n, width if s_side.dot else 0, teacher.shape[1] if t_side.dot else 0)
+    chunk = max(1, min(n, _CHUNK_ELEMENTS // (n * widest)))
+    total = torch.zeros((), dtype=torch.float64, device=student.device)
+    grad_x = torch.zeros_like(student) if want_grad and s_side.dot else None
+    grad_q = torch.zeros_like(s_side.sq_dist) if want_grad and not s_side.dot else None
     for start in range(anchor_start, anchor_stop, chunk):
         rows = slice(start, min(start + chunk, anchor_stop))
-        a_s, r = _angles(qs, hs, rows)
-        a_t, _ = _angles(qt, ht, rows)
-        if not want_grad:
-            total = total + F.smooth_l1_loss(a_s, a_t, reduction="sum")
-            continue
-        g = a_t.neg_().add_(a_s).clamp_(-1.0, 1.0)  # d smooth_l1(u) / du, u = A_s - A_t
-        inv_q = 2.0 * hs[rows] * hs[rows]  # 1 / q_ab
-        gr = g.mul(r)  # zero wherever the student's d_ab or d_ac is 0: no gradient there
-        # dA/dq_ab = r - A / (2 q_ab); the b<->c symmetry doubles the q_ab term into the q_ac one
-        grad[rows] += 2.0 * gr.sum(dim=2) - inv_q * g.mul_(a_s).sum(dim=2)
-        grad -= gr.sum(dim=0)  # dA/dq_bc = -r
-    return total, grad
+        a_s, aux = s_side.angles(rows)
+        a_t, _ = t_side.angles(rows)
+        a_t = a_t.to(a_s.dtype)
+        if want_grad and not s_side.dot:  # the law-of-cosines gradient needs A_s again
+            total += F.smooth_l1_loss(a_s, a_t, reduction="sum").double()
+            g = torch.sub(a_s, a_t, out=a_t).clamp_(-1.0, 1.0)
+        else:  # in place, no N^3 temporaries: smooth_l1(u) = g (u - g / 2) with g = clamp(u, -1, 1)
+            u = torch.sub(a_s, a_t, out=a_t)
+            g = torch.clamp(u, -1.0, 1.0, out=a_s)
+            total += u.sub_(g, alpha=0.5).mul_(g).sum().double()
+            if not want_grad:
+                continue
+        # g = d smooth_l1(u) / du, u = A_s - A_t: symmetric in b, c
+        if s_side.dot:
+            unit, inv_norm, norm = aux
+            # A = U U^T per anchor: dL/dU = 2 g U; through U = diff / |diff|: (dU - U (U . dU)) / |diff| (below the
+            # 1e-12 clamp U = diff / 1e-12: no projection)
+            d_unit = torch.bmm(g, unit).mul_(2.0)
+            along = (unit * d_unit).sum(dim=2, keepdim=True).mul_(norm >= EPS)
+            d_diff = d_unit.sub_(unit.mul_(along)).mul_(inv_norm)
+            grad_x += d_diff.sum(dim=0)  # diff[a, b] = x_b - x_a
+            grad_x[rows] -= d_diff.sum(dim=1)
+        else:
+            r = aux
+            inv_q = 2.0 * s_side.half_inv_dist[rows] ** 2  # 1 / q_ab
+            gr = g.mul(r)  # zero wherever the student's d_ab or d_ac is 0: no gradient there
+            # dA/dq_ab = r - A / (2 q_ab); the b<->c symmetry doubles the q_ab term into the q_ac one
+            grad_q[rows] += 2.0 * gr.sum(dim=2) - inv_q * g.mul_(a_s).sum(dim=2)
+            grad_q -= gr.sum(dim=0)  # dA/dq_bc = -r
+    if grad_q is not None:
+        grad_x = grad_from_pair_grad(student, grad_q)
+    return total, grad_x
 
 
 def grad_from_pair_grad(x, grad_q):
@@ -157,36 +226,45 @@ def grad_from_pair_grad(x, grad_q):
 
 
 class _AngleLoss(torch.autograd.Function):
+    """When the loss will be differentiated (grad mode on and a student that requires grad), the forward computes the
+    student gradient in the same pass over the triplets and keeps it (N x D) for backward, instead of a second pass;
+    otherwise the backward recomputes it. `store` carries it from forward to backward."""
+
     vmap = vmap_refusal("torch", "rkd_angle_loss")
 
     @staticmethod
-    def forward(student, teacher, anchor_start, anchor_stop):
-        qs, qt = squared_distances_exact(student), squared_distances_exact(teacher)
-        total, _ = angle_pass(qs, qt, False, anchor_start, anchor_stop, student.dtype)
+    def forward(student, teacher, anchor_start, anchor_stop, store):
+        want_grad = store is not None
+        total, grad = angle_pass(student, teacher, want_grad, anchor_start, anchor_stop)
+        if want_grad:
+            store["grad"] = grad
         return (total / float(student.shape[0]) ** 3).to(student.dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        student, teacher, anchor_start, anchor_stop = inputs
+        student, teacher, anchor_start, anchor_stop, store = inputs
         ctx.save_for_backward(student, teacher)
         ctx.anchors = (anchor_start, anchor_stop)
+        ctx.store = store
 
     @staticmethod
     def backward(ctx, grad_output):
-        anchors = ctx.anchors
+        anchors, store = ctx.anchors, ctx.store
 
         def compute(student, teacher, grad_output):
-            qs, qt = squared_distances_exact(student), squared_distances_exact(teacher)
-            _, grad_q = angle_pass(qs, qt, True, *anchors, student.dtype)
-            scale = grad_output / float(student.shape[0]) ** 3
-            return grad_from_pair_grad(student, grad_q) * scale
+            grad = store.get("grad") if store is not None else None
+            if grad is None:
+                _, grad = angle_pass(student, teacher, True, *anchors)
+            return grad * (grad_output / float(student.shape[0]) ** 3)
 
         grad = fused_backward(compute, (*ctx.saved_tensors, grad_output), "torch", "rkd_angle_loss")
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
 def rkd_angle_loss(student, teacher, anchor_start=0, anchor_stop=None):
-    return _AngleLoss.apply(student, teacher, anchor_start, student.shape[0] if anchor_stop is None else anchor_stop)
+    store = {} if torch.is_grad_enabled() and student.requires_grad else None
+    anchor_stop = student.shape[0] if anchor_stop is None else anchor_stop
+    return _AngleLoss.apply(student, teacher, anchor_start, anchor_stop, store)
 
 
 # ------------------------------------------------------------------------------------------------ photonic fidelity
