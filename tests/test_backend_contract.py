@@ -69,7 +69,7 @@ def params(cases=None, relations=RELATIONS, include_reference=False):
 
 
 def module(backend):
-    return backends._module(backend)
+    return backends.backend_module(backend)
 
 
 def device(backend, relation):

@@ -60,6 +60,13 @@ def _module(name: str):
     return _loaded[name]
 
 
+def backend_module(name: str):
+    """The module of backend `name` (None when it failed to import); it runs an op where supports() says so."""
+    if name not in _MODULES:
+        raise ValueError(f"backend must be one of {list(_MODULES)}; got {name!r}")
+    return _module(name)
+
+
 def backend_status() -> dict:
     """{name: (available, detail)} for every known backend."""
     for name in _MODULES:
