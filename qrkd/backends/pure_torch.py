@@ -42,7 +42,7 @@ def supports(op, device_type, dtype):
 _GRAM_REFINE = 0.125
 # up to this many N x N x D elements the squared distances are summed from differences outright (exact, and three ops
 # where the Gram route takes a dozen: at small N the number of ops is the cost)
-_DIFFERENCES_MAX_ELEMENTS = 1 << 20
+_DIFFERENCES_MAX_ELEMENTS = 1 << 16
 
 
 def squared_distances(x):
