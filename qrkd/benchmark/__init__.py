@@ -29,8 +29,8 @@ before the measured calls, after gc and malloc_trim) minus its resident size at 
 the implementation above its inputs, libraries and compiled code; on a GPU torch.cuda.max_memory_allocated minus
 memory_allocated at the same point.
 
-Roofline: before the sweep, in the parent process, the machine's float32 GEMM rate (torch.matmul at a size where one
-call takes >= 50 ms, median of 5) and memory bandwidth (a triad over 128 MiB arrays) on the sweep's device; every
+Roofline: before the sweep, in the parent process, the machine's float32 GEMM rate (torch.matmul from 1024^3, 4096^3 on
+a GPU, doubling until one call takes >= 50 ms, median of 5) and memory bandwidth (a triad over 128 MiB arrays) on the sweep's device; every
 record gets its work under the model of `roofline` (unit, units, flops), its throughput (units/s) and, against the
 GEMM rate, its fraction and its equivalent GEMM GFLOP (time x GEMM GFLOP/s). --no-roofline skips the measurement.
 

@@ -155,9 +155,10 @@ def _time(call, sync, reps: int) -> list:
 
 
 def measure_gemm(device: str = "cpu", reps: int = 5, max_n: int | None = None, min_call_s: float = 0.05) -> dict:
-    """Float32 GEMM rate (torch.matmul of two n x n matrices, 2 n^3 flops): n doubles from 256 until one call takes
-    min_call_s (the rate has saturated) or reaches max_n (4096 on a CPU, 8192 on a GPU); then `reps` timed calls, the
-    median. On a GPU matmul runs in full float32 (TF32 off) for the measurement."""
+    """Float32 GEMM rate (torch.matmul of two n x n matrices, 2 n^3 flops): n doubles from 1024 (4096 on a GPU: sizes
+    where a GEMM is efficient, whatever a busy machine makes a small one look like) until one call takes min_call_s
+    or n reaches max_n (4096 on a CPU, 8192 on a GPU); then `reps` timed calls, the median. On a GPU matmul runs in
+    full float32 (TF32 off) for the measurement."""
     import torch
 
     dev = torch.device(device)
@@ -167,7 +168,7 @@ def measure_gemm(device: str = "cpu", reps: int = 5, max_n: int | None = None, m
     allow_tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        n = 256
+        n = min(max_n, 4096 if dev.type == "cuda" else 1024)
         while True:
             a = torch.randn(n, n, generator=gen).to(dev)
             b = torch.randn(n, n, generator=gen).to(dev)
