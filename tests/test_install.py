@@ -162,6 +162,11 @@ def test_pip_install_ships_the_sources_and_falls_back_loudly_without_a_compiler(
     sources, module = listed.stdout.split()
     assert sources == os.path.join(os.path.dirname(module), "csrc"), "an installed qrkd holds its C++ sources"
     assert os.path.isfile(os.path.join(sources, "cpu", "rkd_angle.cpp"))
+    # the Triton kernels install inside the package, and no top-level `kernels` module comes with them
+    kernels = ("import importlib.util as u, os, qrkd.kernels as k\n"
+               "print(os.path.dirname(os.path.dirname(k.__file__)), u.find_spec('kernels'))")
+    package, top_level = _run([python, "-c", kernels], _clean_env(), tmp_path).stdout.split()
+    assert package == os.path.dirname(module) and top_level == "None"
 
     # no compiler on PATH: backend="auto" warns once and runs on torch; QRKD_REQUIRE_EXT=1 makes that an error
     bare = _clean_env(PATH=str(bin_dir), QRKD_CACHE_DIR=str(tmp_path / "cache"))
@@ -241,6 +246,8 @@ def test_wheel_is_portable_pins_torch_and_runs_without_a_compiler(tmp_path, torc
         metadata = archive.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
         archive.extract(library, tmp_path / "unpacked")
     assert "qrkd/csrc/extension.cpp" in names
+    # the Triton kernels (kernels/ in the checkout) install as qrkd.kernels, nothing as a top-level `kernels`
+    assert "qrkd/kernels/rkd_angle.py" in names and not [n for n in names if n.startswith("kernels/")]
     major, minor = torch.__version__.split(".")[:2]
     assert f"Requires-Dist: torch=={major}.{minor}.*" in metadata.splitlines()
     if platform_tag.endswith("x86_64"):  # baseline x86-64: no -march=native in a wheel
