@@ -6,7 +6,7 @@
 
 namespace qrkd {
 
-// Photons per state (rows n of the per-sample matrices). The Python side's limit is qrkd.functional.PHOTONIC_MAX_PHOTONS.
+// Photons per state (rows n of the per-sample matrices); Python's is qrkd.functional.PHOTONIC_MAX_PHOTONS.
 constexpr int kMaxPhotons = 12;
 
 // P (N x n x m) and Q (M x n x m), complex, agreeing in (n, m), with 1 <= n <= kMaxPhotons; the device is checked by

@@ -19,7 +19,7 @@ def cpp(p, q):
     return qrkd.photonic_fidelity(p, q, backend="cpp")
 
 
-# N, M: rows that end inside a row tile (8 rows) and inside an eight-pair block; M past one column tile (168 columns
+# N, M: rows that end inside a row tile (8 rows) and inside an eight-pair block; M past one column tile (160 columns
 # at n = 3 in float64)
 @pytest.mark.parametrize("N, M", [(61, 200), (200, None), (9, 1), (1, 9)])
 def test_tiles_match_naive_permanent_float64(N, M):
