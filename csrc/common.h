@@ -119,6 +119,25 @@ void symmetrise_sum(T* a, int64_t n) {
   for_each_upper_pair(n, [a](int64_t upper, int64_t lower) { a[upper] = a[lower] = a[upper] + a[lower]; });
 }
 
+// The gradient tail of the distance and angle losses: sum_v H_uv (x_u - x_v) for every row u, that is
+// rowsum(H) x - H x, for a symmetric n x n H (contiguous, of x's dtype) and features x (n x d).
+template <typename T>
+at::Tensor weighted_differences(const at::Tensor& h, const at::Tensor& x) {
+  const int64_t n = h.size(0);
+  const T* ph = h.data_ptr<T>();
+  at::Tensor rowsum = at::empty({n, 1}, h.options());
+  T* prow = rowsum.data_ptr<T>();
+#pragma omp parallel for schedule(static) num_threads(num_threads()) if (worth_parallel(n * n))
+  for (int64_t i = 0; i < n; ++i) {
+    const T* hi = ph + i * n;
+    T acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t j = 0; j < n; ++j) acc += hi[j];
+    prow[i] = acc;
+  }
+  return rowsum * x - at::mm(h, x);
+}
+
 // The upper triangle (j >= i, diagonal included) of a a^T into the n x n matrix c; what lies below the diagonal is
 // unspecified. Large n: row stripes against the columns from the stripe on, about 2/3 of a full GEMM's time.
 inline void gram_upper(const at::Tensor& a, at::Tensor& c) {

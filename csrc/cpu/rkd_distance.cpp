@@ -129,8 +129,6 @@ std::tuple<at::Tensor, at::Tensor> distance_impl(const at::Tensor& s, const at::
   const T a = T(ns.inv_mu * inv_n2);
   const T b = ns.count > 0 ? T(s_dot * ns.inv_mu * ns.inv_mu / ns.count * inv_n2) : T(0);
   const T dmin = std::sqrt(T(kEps));
-  at::Tensor rowsum = at::empty({n, 1}, s.options());
-  T* prow = rowsum.data_ptr<T>();
 #pragma omp parallel for schedule(dynamic, 8) num_threads(num_threads()) if (worth_parallel(n * n))
   for (int64_t i = 0; i < n; ++i) {
     T* pi = pds + i * n;  // d_ij in, P_ij out (upper triangle)
@@ -143,15 +141,7 @@ std::tuple<at::Tensor, at::Tensor> distance_impl(const at::Tensor& s, const at::
     }
   }
   mirror_upper(pds, n);
-#pragma omp parallel for schedule(static) num_threads(num_threads()) if (worth_parallel(n * n))
-  for (int64_t i = 0; i < n; ++i) {
-    const T* pi = pds + i * n;
-    T acc = 0;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t j = 0; j < n; ++j) acc += pi[j];
-    prow[i] = acc;
-  }
-  at::Tensor grad = (rowsum * sc - at::mm(ds, sc)).mul_(4.0);
+  at::Tensor grad = weighted_differences<T>(ds, sc).mul_(4.0);
   return {loss_t, grad};
 }
 

@@ -117,7 +117,10 @@ def _scaled_grad(n_inputs, op, supported):
         grad = ctx.saved_tensors[0]
         if grad.numel() == 0:
             raise RuntimeError("qrkd cpp backend: backward through a loss computed without a gradient (with_grad=False)")
-        scaled = fused_backward(_scale, (*ctx.saved_tensors, grad_loss), "cpp", op, supported)
+        if torch.is_grad_enabled():  # create_graph=True: a node that refuses double backward
+            scaled = fused_backward(_scale, (*ctx.saved_tensors, grad_loss), "cpp", op, supported)
+        else:  # a plain backward (the usual case): no second autograd node on the small-batch path
+            scaled = grad * grad_loss
         return (scaled,) + (None,) * (n_inputs - 1)
 
     return backward
