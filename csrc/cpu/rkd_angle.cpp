@@ -434,6 +434,13 @@ std::tuple<at::Tensor, at::Tensor> rkd_angle_cpu(const at::Tensor& student, cons
   if (!all_finite(s) || !all_finite(t)) return non_finite_loss(s, with_grad);
   at::NoGradGuard no_grad;
   if (s.scalar_type() == at::kDouble) return angle_impl<double>(s, t, anchor_start, anchor_stop, with_grad);
+  if (s.size(1) == 1) {
+    // one-dimensional students: every angle is +-1 and the true gradient vanishes by cancellation between the
+    // pairs of each triplet, which float32 cosines (~10 ulps) leave at ~1e-5 of the gradient's scale; in float64
+    // the cancellation holds to the accuracy of the other inputs
+    auto [loss, grad] = angle_impl<double>(s.to(at::kDouble), t.to(at::kDouble), anchor_start, anchor_stop, with_grad);
+    return {loss.to(s.scalar_type()), grad.to(s.scalar_type())};
+  }
   return angle_impl<float>(s, t, anchor_start, anchor_stop, with_grad);
 }
 
