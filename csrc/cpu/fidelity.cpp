@@ -14,7 +14,7 @@ at::Tensor normalise_rows(const at::Tensor& x, at::Tensor* norms) {
   at::Tensor psi = at::empty_like(x);
   *norms = at::empty({n}, x.options());
   const T* px = x.data_ptr<T>();
-  T* pp = psi.data_ptr<T>();
+  T* psi_data = psi.data_ptr<T>();
   T* pn = norms->data_ptr<T>();
 #pragma omp parallel for schedule(static) num_threads(num_threads()) if (worth_parallel(n * d))
   for (int64_t i = 0; i < n; ++i) {
@@ -25,7 +25,7 @@ at::Tensor normalise_rows(const at::Tensor& x, at::Tensor* norms) {
     const T nrm = std::max(std::sqrt(sq), T(kEps));
     pn[i] = nrm;
     const T inv = T(1) / nrm;
-    T* yi = pp + i * d;
+    T* yi = psi_data + i * d;
 #pragma omp simd
     for (int64_t k = 0; k < d; ++k) yi[k] = xi[k] * inv;
   }
@@ -36,12 +36,12 @@ at::Tensor normalise_rows(const at::Tensor& x, at::Tensor* norms) {
 template <typename T>
 void normalise_rows_backward(const at::Tensor& psi, const at::Tensor& norms, at::Tensor& dpsi_to_dx) {
   const int64_t n = psi.size(0), d = psi.size(1);
-  const T* pp = psi.data_ptr<T>();
+  const T* psi_data = psi.data_ptr<T>();
   const T* pn = norms.data_ptr<T>();
   T* pg = dpsi_to_dx.data_ptr<T>();
 #pragma omp parallel for schedule(static) num_threads(num_threads()) if (worth_parallel(n * d))
   for (int64_t i = 0; i < n; ++i) {
-    const T* yi = pp + i * d;
+    const T* yi = psi_data + i * d;
     T* gi = pg + i * d;
     const T nrm = pn[i];
     const T inv = T(1) / nrm;

@@ -409,13 +409,13 @@ std::tuple<at::Tensor, at::Tensor> angle_impl(const at::Tensor& s, const at::Ten
     return {at::full({}, loss * scale, opts), at::empty({0}, opts)};
   }
   at::Tensor P = at::zeros({n, n}, opts.dtype(at::kDouble));
-  double* pp = P.data_ptr<double>();
-  const double loss = triplet_pass<T, kSplit, true>(n, a0, a1, tab, pp, interrupt);
+  double* dl_dq = P.data_ptr<double>();
+  const double loss = triplet_pass<T, kSplit, true>(n, a0, a1, tab, dl_dq, interrupt);
   interrupt.rethrow();
   qs.reset(); qt.reset(); split.reset(); inv.reset();
   // H = P + P^T in place (zero diagonal: x_u - x_u = 0)
-  symmetrise_sum(pp, n);
-  for (int64_t i = 0; i < n; ++i) pp[i * n + i] = 0.0;
+  symmetrise_sum(dl_dq, n);
+  for (int64_t i = 0; i < n; ++i) dl_dq[i * n + i] = 0.0;
   at::Tensor x = s.to(at::kDouble);
   x = x - x.mean(0, true);
   at::Tensor grad = weighted_differences<double>(P, x).mul_(2.0 * scale).to(s.scalar_type());
