@@ -3,12 +3,14 @@ present (FORCE_CUDA=1 forces them, QRKD_NO_CUDA=1 leaves them out).
 
 The extension compiles here only when torch is importable, so with --no-build-isolation against the torch you run:
 `pip install --no-build-isolation -e ".[dev]"` (in place, -march=native) or `pip wheel --no-build-isolation .` (a
-portable x86-64 wheel that requires the same torch major.minor). A plain `pip install .` builds in an isolated
+portable x86-64 wheel that requires the same torch major.minor: its CPU kernels are compiled once per x86-64 level,
+and the running CPU's is chosen at run time). A plain `pip install .` builds in an isolated
 environment without torch: the package then holds no qrkd._C, only its C++ sources (qrkd/csrc, shipped in every
 install), and builds the extension on first use (qrkd/_build.py)."""
 
 import glob
 import os
+import platform
 import sys
 
 from setuptools import find_packages, setup
@@ -44,22 +46,59 @@ class build_py_with_sources(build_py):
             self.copy_file(path, target)
 
 
-def _build_ext_class(BuildExtension):
-    class build_ext(BuildExtension.with_options(use_ninja=True)):
-        """-march=native only for a build that stays on this machine (build_ext --inplace, an editable install); a
-        wheel (`pip install --no-build-isolation .`, `pip wheel .`, bdist_wheel) is portable x86-64 and carries no
-        debug information."""
+# the CPU kernel modules of a portable x86-64 wheel, one per micro-architecture level: qrkd._C then holds the op
+# schemas and the CUDA kernels, and qrkd.backends.cpp loads the highest level the running CPU has
+CPU_LEVELS = ("x86_64", "x86_64_v3", "x86_64_v4")  # qrkd/backends/cpp.py's
+CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 
-        def run(self):
+
+def _build_ext_class(BuildExtension, CppExtension):
+    class build_ext(BuildExtension.with_options(use_ninja=True)):
+        """-march=native only for a build that stays on this machine (build_ext --inplace, an editable install). A
+        wheel (`pip install --no-build-isolation .`, `pip wheel .`, bdist_wheel) carries no debug information and runs
+        on any x86-64 CPU: its CPU kernels are compiled once per level in CPU_LEVELS, chosen at run time."""
+
+        def finalize_options(self):
             in_place = self.inplace or getattr(self, "editable_mode", False)
-            for ext in self.extensions:
-                if not in_place:
-                    ext.extra_compile_args["cxx"].append("-g0")
-                elif not _flag("QRKD_PORTABLE"):
-                    ext.extra_compile_args["cxx"].append("-march=native")
-            super().run()
+            portable = not in_place or _flag("QRKD_PORTABLE")
+            extensions = self.distribution.ext_modules
+            for ext in extensions:
+                ext.extra_compile_args["cxx"] += ([] if portable else ["-march=native"]) + ([] if in_place else ["-g0"])
+            if not in_place and platform.machine().lower() in ("x86_64", "amd64"):
+                (core,) = extensions
+                cpu_modules = [_cpu_module(core, level) for level in CPU_LEVELS]
+                extensions[:] = [_without_cpu_kernels(core)] + cpu_modules
+            else:
+                for ext in extensions:
+                    ext.extra_compile_args["cxx"].append(f"-DQRKD_CPU_KERNELS={'portable' if portable else 'native'}")
+            super().finalize_options()
+
+        def build_extension(self, ext):
+            # the CPU modules compile the same sources with other flags: one object folder per module
+            shared = self.build_temp
+            self.build_temp = os.path.join(shared, ext.name)
+            try:
+                super().build_extension(ext)
+            finally:
+                self.build_temp = shared
+
+    def _without_cpu_kernels(core):
+        core.sources = [s for s in core.sources if not _is_cpu_kernel(s)]
+        core.extra_compile_args["cxx"].append("-DQRKD_CPU_KERNELS=none")
+        return core
+
+    def _cpu_module(core, level):
+        sources = [os.path.join("csrc", "extension.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+        flags = list(core.extra_compile_args["cxx"]) + [f"-march={level.replace('_', '-')}",
+                                                         f"-DQRKD_CPU_KERNELS={level}"]
+        return CppExtension(name=f"qrkd._cpu_{level}", sources=sources, include_dirs=[CSRC],
+                            extra_compile_args={"cxx": flags}, extra_link_args=core.extra_link_args)
 
     return build_ext
+
+
+def _is_cpu_kernel(source):
+    return os.path.normpath(os.path.dirname(source)) == os.path.join("csrc", "cpu")
 
 
 def extensions():
@@ -72,7 +111,6 @@ def extensions():
         return [], {}
     if _flag("QRKD_SKIP_EXT"):  # the Makefile installs first, then builds the extension in place once
         return [], {}
-    here = os.path.dirname(os.path.abspath(__file__))
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     if not cpp_sources:
@@ -84,7 +122,7 @@ def extensions():
     define = []
     kwargs = dict(
         name="qrkd._C",
-        include_dirs=[os.path.join(here, "csrc")],
+        include_dirs=[CSRC],
         extra_link_args=["-fopenmp"],
     )
     if with_cuda:
@@ -100,7 +138,7 @@ def extensions():
     else:
         ext = CppExtension(sources=cpp_sources, define_macros=define, extra_compile_args={"cxx": cxx}, **kwargs)
     print(f"qrkd setup: building qrkd._C with {'CPU + CUDA' if with_cuda else 'CPU'} kernels", file=sys.stderr)
-    return [ext], {"build_ext": _build_ext_class(BuildExtension)}
+    return [ext], {"build_ext": _build_ext_class(BuildExtension, CppExtension)}
 
 
 ext_modules, cmdclass = extensions()

@@ -86,7 +86,9 @@ def _build_config(root: str, files: list):
         from torch.utils.cpp_extension import CUDA_HOME
 
         with_cuda = CUDA_HOME is not None
-    cflags = ["-O3", "-fopenmp", "-std=c++17"] + ([] if _flag("QRKD_PORTABLE") else ["-march=native"])
+    native = not _flag("QRKD_PORTABLE")
+    cflags = ["-O3", "-fopenmp", "-std=c++17"] + (["-march=native"] if native else [])
+    cflags += [f"-DQRKD_CPU_KERNELS={'native' if native else 'portable'}"]
     cflags += ["-DWITH_CUDA"] if with_cuda else []
     digest = hashlib.sha256()
     for rel in files:

@@ -7,6 +7,7 @@ downloaded: pip's isolated build fetches setuptools and wheel, the install fetch
 extension (first use, wheel) is CPU-only and happens once.
 """
 
+import importlib
 import os
 import re
 import shutil
@@ -20,9 +21,11 @@ import pytest
 import torch
 
 from qrkd import _build
+from qrkd.backends import cpp
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILDING = "qrkd: building the C++ extension"
+EVEX_ONLY = r"%zmm|%k[0-7]|%[xy]mm(1[6-9]|2[0-9]|3[01])\b"  # registers that only AVX-512 code uses
 
 # a cpp-backend loss and its gradient against the pure-torch backend; prints the cpp backend's status
 CHECK = """
@@ -38,6 +41,39 @@ loss.backward()
 expected.backward()
 torch.testing.assert_close(loss, expected)
 torch.testing.assert_close(student.grad, twin.grad)
+print("cpp:", backends.backend_status()["cpp"][1])
+"""
+
+# every loss of the cpp backend, its value and gradient, against the reference, float64 and float32, at sizes that run
+# the kernels' tiled and vectorised loops; prints the cpp backend's status
+PARITY = """
+import torch, qrkd
+from qrkd import backends
+tolerances = {torch.float64: dict(rtol=1e-9, atol=1e-12), torch.float32: dict(rtol=2e-4, atol=1e-6)}
+g = torch.Generator().manual_seed(0)
+cases = [(qrkd.rkd_distance_loss, 150), (qrkd.rkd_angle_loss, 150), (qrkd.fidelity_kernel_loss, 150)]
+for dtype, tol in tolerances.items():
+    for loss, n in cases:
+        s, t = torch.randn(n, 6, generator=g, dtype=dtype), torch.randn(n, 9, generator=g, dtype=dtype)
+        values, grads = [], []
+        for backend in ("cpp", "reference"):
+            x = s.clone().requires_grad_(True)
+            value = loss(x, t, backend=backend)
+            value.backward()
+            values.append(value.detach())
+            grads.append(x.grad)
+        torch.testing.assert_close(values[0], values[1], **tol)
+        torch.testing.assert_close(grads[0], grads[1], **tol)
+    cdtype = torch.complex128 if dtype == torch.float64 else torch.complex64
+    P = torch.randn(40, 3, 6, generator=g, dtype=cdtype) / 3
+    results = []
+    for backend in ("cpp", "reference"):
+        x = P.clone().requires_grad_(True)
+        K = qrkd.photonic_fidelity(x, backend=backend)
+        (K * torch.arange(K.numel(), dtype=K.dtype).reshape(K.shape)).sum().backward()
+        results.append((K.detach(), x.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], **tol)
+    torch.testing.assert_close(results[0][1], results[1][1], **tol)
 print("cpp:", backends.backend_status()["cpp"][1])
 """
 
@@ -73,6 +109,20 @@ def test_cache_folder_is_keyed_by_torch_abi_and_sources(monkeypatch, tmp_path):
     assert _build._build_config(str(sources), files)[0] != folder
     monkeypatch.setenv("QRKD_PORTABLE", "1")
     assert "-march=native" not in _build._build_config(str(sources), files)[2]
+
+
+def test_the_cpu_kernel_level_is_the_highest_installed_one_the_cpu_runs_or_the_one_asked_for():
+    everything = list(cpp.CPU_LEVELS)
+    assert cpp.choose_cpu_level(everything, ["x86_64", "x86_64_v3"]) == "x86_64_v3"
+    assert cpp.choose_cpu_level(everything, everything) == "x86_64_v4"
+    assert cpp.choose_cpu_level(["x86_64", "x86_64_v4"], ["x86_64", "x86_64_v3"]) == "x86_64"
+    assert cpp.choose_cpu_level(everything, everything, requested="x86_64") == "x86_64"
+    with pytest.raises(ImportError, match="this CPU does not run that instruction set"):
+        cpp.choose_cpu_level(everything, ["x86_64", "x86_64_v3"], requested="x86_64_v4")
+    with pytest.raises(ImportError, match="QRKD_CPU_ISA=avx9 names no installed CPU kernel module"):
+        cpp.choose_cpu_level(everything, everything, requested="avx9")
+    with pytest.raises(ImportError, match="no installed CPU kernel module runs on this CPU"):
+        cpp.choose_cpu_level(["x86_64_v4"], ["x86_64", "x86_64_v3"])
 
 
 def test_ninja_of_an_environment_that_is_not_activated_is_found(monkeypatch, tmp_path):
@@ -242,22 +292,43 @@ def test_wheel_is_portable_pins_torch_and_runs_without_a_compiler(tmp_path, torc
     assert platform_tag.endswith(sysconfig.get_platform().split("-")[-1].replace("-", "_"))
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
-        (library,) = [n for n in names if re.fullmatch(r"qrkd/_C\..*so", n)]
+        libraries = {re.match(r"qrkd/(_C|_cpu_\w+?)\.", n).group(1): n for n in names
+                     if re.fullmatch(r"qrkd/(_C|_cpu_\w+)\..*so", n)}
         metadata = archive.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
-        archive.extract(library, tmp_path / "unpacked")
+        archive.extractall(tmp_path / "unpacked", members=libraries.values())
     assert "qrkd/csrc/extension.cpp" in names
     # the Triton kernels (kernels/ in the checkout) install as qrkd.kernels, nothing as a top-level `kernels`
     assert "qrkd/kernels/rkd_angle.py" in names and not [n for n in names if n.startswith("kernels/")]
     major, minor = torch.__version__.split(".")[:2]
     assert f"Requires-Dist: torch=={major}.{minor}.*" in metadata.splitlines()
-    if platform_tag.endswith("x86_64"):  # baseline x86-64: no -march=native in a wheel
-        assert _avx_instructions(tmp_path / "unpacked" / library) == []
+    x86 = platform_tag.endswith("x86_64")
+    if x86:  # the op schemas in _C, the CPU kernels once per level, nothing compiled with -march=native
+        assert sorted(libraries) == sorted(["_C"] + [f"_cpu_{level}" for level in cpp.CPU_LEVELS])
+        instructions = {name: _avx_instructions(tmp_path / "unpacked" / path) for name, path in libraries.items()}
+        assert instructions["_C"] == [] and instructions["_cpu_x86_64"] == []
+        assert [i for i in instructions["_cpu_x86_64_v3"] if "vfmadd" in i and "%ymm" in i]
+        assert not [i for i in instructions["_cpu_x86_64_v3"] if re.search(EVEX_ONLY, i)]
+        assert [i for i in instructions["_cpu_x86_64_v4"] if re.search(EVEX_ONLY, i)]
+    else:
+        assert sorted(libraries) == ["_C"]
 
     python = _fresh_venv(tmp_path / "env", torch_site)
     _run([python, "-m", "pip", "install", "--quiet", "--no-index", wheel], _clean_env(), tmp_path)
     bare = _clean_env(PATH=str(python.parent), QRKD_CACHE_DIR=str(tmp_path / "cache"), QRKD_REQUIRE_EXT="1",
                       QRKD_JIT="0")
     assert not any(shutil.which(cc, path=bare["PATH"]) for cc in ("c++", "g++", "gcc", "cc", "clang"))
-    ran = _run([python, "-c", CHECK], bare, tmp_path)
-    assert "cpp: qrkd._C (CPU kernels)" in ran.stdout
+    ran = _run([python, "-c", PARITY], bare, tmp_path)
     assert not (tmp_path / "cache").exists()
+    if not x86:
+        assert "cpp: qrkd._C (CPU kernels)" in ran.stdout
+        return
+    # the highest level this CPU runs is chosen; every other level it runs gives the same losses when asked for
+    runs = importlib.import_module("qrkd._C").supported_cpu_levels()
+    installed = ", ".join(cpp.CPU_LEVELS)
+    assert f"cpp: qrkd._C (CPU kernels; the CPU ones for {runs[-1]}, chosen of {installed};" in ran.stdout
+    for level in runs[:-1]:
+        forced = _run([python, "-c", PARITY], dict(bare, QRKD_CPU_ISA=level), tmp_path)
+        assert f"the CPU ones for {level}, chosen of" in forced.stdout
+    for level in set(cpp.CPU_LEVELS) - set(runs):  # refused with the reason, not run into an illegal instruction
+        refused = _run([python, "-c", PARITY], dict(bare, QRKD_CPU_ISA=level), tmp_path, check=False)
+        assert refused.returncode == 1 and "this CPU does not run that instruction set" in refused.stderr

@@ -4,11 +4,18 @@ The ops are torch custom ops registered by the extension under torch.ops.qrkd.*.
 on first use of the backend; a missing build never breaks `import qrkd`. When no prebuilt qrkd._C loads with the
 running torch, the extension is built from the shipped sources into a per-user cache on first use (qrkd/_build.py; a
 one-line message on stderr, minutes once; later processes load the cached build); QRKD_JIT=0 turns that off.
+
+A portable x86-64 wheel holds the CPU kernels three times, compiled for the levels x86_64, x86_64_v3 (AVX2, FMA) and
+x86_64_v4 (AVX-512), as the modules qrkd._cpu_<level>; qrkd._C then holds only the op schemas and the CUDA kernels, and
+the highest level this CPU runs is loaded beside it (QRKD_CPU_ISA=<level> picks another). Only one of them is ever
+loaded in a process, so the torch header code each was compiled with never mixes.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
 
 import torch
 
@@ -36,9 +43,47 @@ def _load():
             _state["loaded"] = False
             return False
     _state["cuda"] = bool(getattr(_C, "WITH_CUDA", False))
-    _state["detail"] = f"{origin} ({'CPU + CUDA' if _state['cuda'] else 'CPU'} kernels)"
+    kernels = ("CPU + CUDA" if _state["cuda"] else "CPU") + " kernels"
+    if getattr(_C, "CPU_KERNELS", "native") == "none":  # a portable wheel: CPU kernels per instruction-set level
+        try:
+            level, installed = _load_cpu_kernels(_C)
+        except ImportError as exc:
+            _state["detail"] = f"{origin} loads, but not its CPU kernels: {exc}"
+            _state["loaded"] = False
+            return False
+        kernels += f"; the CPU ones for {level}, chosen of {', '.join(installed)}; QRKD_CPU_ISA overrides"
+    _state["detail"] = f"{origin} ({kernels})"
     _state["loaded"] = True
     return True
+
+
+CPU_LEVELS = ("x86_64", "x86_64_v3", "x86_64_v4")  # setup.py's, lowest first
+
+
+def choose_cpu_level(installed, supported, requested=""):
+    """The CPU kernel module to load: the highest level both installed and run by this CPU, or the one requested
+    (QRKD_CPU_ISA), which must be both; ImportError says why not."""
+    usable = [level for level in CPU_LEVELS if level in installed and level in supported]
+    if requested:
+        if requested not in installed:
+            raise ImportError(f"QRKD_CPU_ISA={requested} names no installed CPU kernel module (installed: "
+                              f"{', '.join(installed) or 'none'})")
+        if requested not in supported:
+            raise ImportError(f"QRKD_CPU_ISA={requested}: this CPU does not run that instruction set (it runs: "
+                              f"{', '.join(supported) or 'none'})")
+        return requested
+    if not usable:
+        raise ImportError(f"no installed CPU kernel module runs on this CPU (installed: {', '.join(installed) or 'none'};"
+                          f" the CPU runs: {', '.join(supported) or 'none'})")
+    return usable[-1]
+
+
+def _load_cpu_kernels(_C):
+    """Imports the qrkd._cpu_<level> module chosen by choose_cpu_level; (level, installed levels)."""
+    installed = [level for level in CPU_LEVELS if importlib.util.find_spec(f"qrkd._cpu_{level}") is not None]
+    level = choose_cpu_level(installed, list(_C.supported_cpu_levels()), os.environ.get("QRKD_CPU_ISA", "").strip())
+    importlib.import_module(f"qrkd._cpu_{level}")  # registers the CPU implementations of torch.ops.qrkd.*
+    return level, installed
 
 
 def status():
