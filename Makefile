@@ -28,7 +28,7 @@ $(VENV)/.built: $(VENV)/.installed $(shell find csrc -name '*.cpp' -o -name '*.c
 build: $(VENV)/.built
 
 test: build
-	$(PY) -m pytest -m "not gpu" tests
+	$(PY) -m pytest -m "not gpu" --durations=15 tests
 
 demo: build
 	$(PY) -m qrkd compare --data-root "$${QRKD_DATA_ROOT:-data}" --name demo
