@@ -3,6 +3,7 @@
 No timing is asserted: only that measurements, failures and the report are recorded as the harness promises.
 """
 
+import copy
 import json
 import os
 
@@ -231,6 +232,23 @@ def test_sweep_records_the_roofline(tiny_sweep):
     assert failed["work"]["unit"] == "triplets" and failed["throughput"] is None and failed["gemm_fraction"] is None
     md = (out / f"{stem}.md").read_text()
     assert f"float32 GEMM {rates['gemm_gflops']:.1f} GFLOP/s" in md and "## Roofline" in md
+
+
+def test_report_of_a_single_sample_case_has_no_flops_per_unit(tiny_sweep, tmp_path):
+    # N=1 has no pairs: its work model has no flops per unit, and the report says so instead of failing
+    _, _, _, data = tiny_sweep
+    data = copy.deepcopy(data)
+    single = copy.deepcopy(_result(data, "distance", "torch"))
+    single["case"]["n"] = 1
+    single["case_id"] = qb.Case.from_dict(single["case"]).id
+    single.update(roofline.roofline_fields(single["case"], single["median_s"], data["roofline"]["gemm_gflops"]))
+    assert single["work"]["flops_per_unit"] is None and single["throughput"] == 0
+    data["results"].append(single)
+    path = tmp_path / "single.json"
+    path.write_text(json.dumps(data))
+    assert qb.main(["--report", str(path)]) == 0
+    (row,) = [line for line in (tmp_path / "single.md").read_text().splitlines() if "| N=1 Ds=4 Dt=4 |" in line]
+    assert "| pairs | - |" in row
 
 
 def _gray_code_ryser(a):

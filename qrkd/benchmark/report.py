@@ -203,9 +203,9 @@ def _roofline_section(data: dict) -> list:
         c = Case.from_dict(recs[0]["case"])
         work = recs[0]["work"]
         by_impl = {r["impl"]: r for r in recs}
-        lines.append(f"| {c.relation} | {c.describe()} | {MODE_TITLES[c.mode]} | {work['unit']} | "
-                     f"{work['flops_per_unit']:,.0f} | " + " | ".join(_roofline_cell(by_impl.get(i)) for i in impls)
-                     + " |")
+        per_unit = "-" if work["flops_per_unit"] is None else f"{work['flops_per_unit']:,.0f}"  # N=1: no pairs
+        lines.append(f"| {c.relation} | {c.describe()} | {MODE_TITLES[c.mode]} | {work['unit']} | {per_unit} | "
+                     + " | ".join(_roofline_cell(by_impl.get(i)) for i in impls) + " |")
     return lines
 
 
