@@ -180,8 +180,11 @@ class BatchShard:
     sizes: tuple
 
     @classmethod
-    def of(cls, n_local: int, ctx: DistContext, device) -> BatchShard:
-        """The shard of this process's n_local rows. Collective: every process calls it."""
+    def of(cls, n_local: int, ctx: DistContext | None, device) -> BatchShard | None:
+        """The shard of this process's n_local rows; None for one process (ctx None, as dist_context() gives then),
+        which DistillationLoss(..., shard=None) treats as the whole batch. Collective: every process calls it."""
+        if ctx is None:
+            return None
         return cls(ctx, tuple(_gather_sizes(n_local, ctx, device)))
 
     @property

@@ -213,3 +213,15 @@ def test_batch_shard_scale_and_anchors():
     assert shard.world_size == 3
     assert shard.mean_scale == 3 * 3 / 12
     assert shard.anchors() == anchor_range(12, 1, 3) == (4, 8)
+
+
+def test_batch_shard_of_a_single_process_is_the_plain_loss():
+    # the README's recipe for one's own DDP loop, run with one process: dist_context() is None, and so is the shard
+    shard = BatchShard.of(7, dist_context(), "cpu")
+    assert shard is None
+    g = torch.Generator().manual_seed(0)
+    logits_s, logits_t = torch.randn(7, 10, generator=g), torch.randn(7, 10, generator=g)
+    feat_s, feat_t = torch.randn(7, 4, generator=g), torch.randn(7, 6, generator=g)
+    loss = DistillationLoss(kd=0.5, dr=1.0, ar=2.0, backend="torch")
+    torch.testing.assert_close(loss(logits_s, logits_t, feat_s, feat_t, shard=shard),
+                               loss(logits_s, logits_t, feat_s, feat_t), rtol=0, atol=0)
