@@ -1,5 +1,5 @@
 """The cpp photonic op's tiled path (csrc/cpu/photonic.cpp): a tile's n x n blocks come from one matrix product and
-the permanents are walked eight pairs at a time, so sizes that end mid-tile or mid-block, the float32 products, one
+the permanents are walked four pairs at a time, so sizes that end mid-tile or mid-block, the float32 products, one
 photon and the photon limit, and duplicate or zero rows are checked here against the naive permutation formula or
 a closed form."""
 
@@ -19,7 +19,7 @@ def cpp(p, q):
     return qrkd.photonic_fidelity(p, q, backend="cpp")
 
 
-# N, M: rows that end inside a row tile (8 rows) and inside an eight-pair block; M past one column tile (160 columns
+# N, M: rows that end inside a row tile (8 rows) and inside a four-pair block; M past one column tile (160 columns
 # at n = 3 in float64)
 @pytest.mark.parametrize("N, M", [(61, 200), (200, None), (9, 1), (1, 9)])
 def test_tiles_match_naive_permanent_float64(N, M):
