@@ -30,8 +30,9 @@ build: $(VENV)/.built
 test: build
 	$(PY) -m pytest -m "not gpu" --durations=15 tests
 
+# a second `make demo` continues an interrupted demo (or re-reports a finished one) instead of refusing runs/demo
 demo: build
-	$(PY) -m qrkd compare --data-root "$${QRKD_DATA_ROOT:-data}" --name demo
+	$(PY) -m qrkd compare --data-root "$${QRKD_DATA_ROOT:-data}" --name demo $$(test -f runs/demo/run.json && echo --resume)
 
 bench: build
 	$(PY) -m pytest bench --benchmark-only -q
