@@ -88,7 +88,7 @@ def _build_ext_class(BuildExtension, CppExtension):
         return core
 
     def _cpu_module(core, level):
-        sources = [os.path.join("csrc", "extension.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+        sources = [os.path.join("csrc", "extension.cpp")] + [s for s in core.sources if _is_cpu_kernel(s)]
         flags = list(core.extra_compile_args["cxx"]) + [f"-march={level.replace('_', '-')}",
                                                          f"-DQRKD_CPU_KERNELS={level}"]
         return CppExtension(name=f"qrkd._cpu_{level}", sources=sources, include_dirs=[CSRC],
