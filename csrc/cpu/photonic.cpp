@@ -6,7 +6,7 @@
 //    L = [[Re P, Im P], [Im P, -Re P]] (2 TI n x 2m, rows (i, a)),  R = [Re Q^T; Im Q^T] (2m x n TJ,
 //    columns (b, j)), so C[(i, a)][(b, j)] = Re A_ij[a][b] and C[TI n + (i, a)][(b, j)] = Im A_ij[a][b]: for fixed
 //    (i, a, b) consecutive j are contiguous, the structure-of-arrays layout the second stage reads.
-// 2. The permanents, kLanes pairs (i, j..j+3) at a time, every inner loop running over the lanes. Glynn's
+// 2. The permanents, kLanes pairs (i, j..j+kLanes-1) at a time, every inner loop running over the lanes. Glynn's
 //    formula with the sign vectors in Gray-code order (one column flipped per step, 2^(n-1) steps):
 //      Perm(A) = 2^-(n-1) sum_{d in {+-1}^n, d_0 = 1} (prod_b d_b) prod_a r_a(d),   r_a(d) = sum_b d_b A_ab,
 //    and for the backward its cofactors (the derivative of Perm(A) in A_ab) from the same walk:
@@ -46,7 +46,7 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 
 namespace qrkd_photonic {
 
-constexpr int kLanes = 4;  // pairs per walk: one i, four consecutive j (one 256-bit vector of doubles)
+constexpr int kLanes = 8;  // pairs per walk: one i, eight consecutive j (two AVX2 vectors: two independent chains)
 constexpr int64_t kTileRows = 8;            // TI
 constexpr int64_t kTileBytes = 192 * 1024;  // the product buffer C of a tile, to stay in L2 with its R tile
 
@@ -169,7 +169,7 @@ static void tile_product(const T* l, const T* r, const Tiles& t, T* c) {
     }
 }
 
-// A[a][b][lane] of the pairs (row ii of the tile, columns jj..jj+3), in double.
+// A[a][b][lane] of the pairs (row ii of the tile, columns jj..jj+kLanes-1), in double.
 template <int NR, typename T>
 static inline void gather_pairs(const T* c, const Tiles& t, int64_t ii, int64_t jj, double (&ar)[NR][NR][kLanes],
                                 double (&ai)[NR][NR][kLanes]) {
@@ -351,7 +351,7 @@ static inline void glynn_cofactors(const double (&ar)[NR][NR][kLanes], const dou
   }
 }
 
-// The pairs of a tile's walk: row ii of the tile and columns jj..jj+3; whether any of them is to be computed.
+// The pairs of a tile's walk: row ii of the tile and columns jj..jj+kLanes-1; whether any of them is to be computed.
 static inline bool block_needed(int64_t i, int64_t j0, int64_t N, int64_t M, bool symmetric) {
   return i < N && j0 < M && !(symmetric && j0 + kLanes <= i);
 }
