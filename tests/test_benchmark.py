@@ -379,3 +379,13 @@ def test_selected_shapes(capsys):
 def test_bad_selections(argv, capsys):
     assert qb.main(argv + ["--list"]) == 2
     assert "qrkd bench:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("relation", ["angle", "distance", "fidelity"])
+def test_the_compiled_reference_computes_the_same_loss_as_the_reference(relation):
+    # the seed's shape has Ds != Dt: the fidelity loss cuts both sides to min(Ds, Dt) columns, which the compiled
+    # baseline must do too (it once compiled the bare backend function and measured a 31-wide teacher kernel)
+    case = qb.make_case(relation, "fwd", 24, 4, 7)
+    reference, _ = qb.build_call(case, "reference")
+    compiled, _ = qb.build_call(case, "reference-compiled")
+    assert abs(float(compiled()) - float(reference())) <= 1e-5 * abs(float(reference()))
