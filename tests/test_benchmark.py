@@ -389,3 +389,36 @@ def test_the_compiled_reference_computes_the_same_loss_as_the_reference(relation
     reference, _ = qb.build_call(case, "reference")
     compiled, _ = qb.build_call(case, "reference-compiled")
     assert abs(float(compiled()) - float(reference())) <= 1e-5 * abs(float(reference()))
+
+
+def test_repeated_processes_give_the_median_of_their_medians():
+    from qrkd.benchmark.measure import combine_processes
+
+    def rec(median, samples, peak):
+        return {"status": "ok", "median_s": median, "samples_s": samples, "peak_mem_bytes": peak,
+                "peak_rss_bytes": peak + 10, "value": 1.0}
+
+    cell = combine_processes([rec(2.0, [2.0, 2.1], 5), rec(1.0, [1.0, 0.9], 7), rec(1.5, [1.5, 1.6], 6)])
+    assert cell["median_s"] == 1.5 and cell["process_medians_s"] == [2.0, 1.0, 1.5]
+    assert cell["reps"] == 6 and cell["min_s"] == 0.9 and cell["peak_mem_bytes"] == 7 and cell["peak_rss_bytes"] == 17
+    failed = {"status": "timeout", "detail": "over budget"}
+    assert combine_processes([rec(1.0, [1.0], 5), failed])["status"] == "timeout"
+
+
+def test_repeats_run_each_impl_in_several_processes_in_turns(tmp_path, capsys):
+    argv = ["--relations", "distance", "--modes", "fwd", "--n", "32", "--d", "4", "--no-named", "--impls",
+            "reference,torch", "--repeats", "3", "--no-roofline", "--no-plots", "--out", str(tmp_path),
+            "--machine", "testbox"]
+    assert qb.main(argv) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "distance" in line and "N=32" in line]
+    order = [next(w for w in line.split() if w in ("reference", "torch")) for line in lines]
+    assert order == ["reference", "torch", "torch", "reference", "reference", "torch"]
+    (name,) = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
+    with open(tmp_path / name) as f:
+        data = json.load(f)
+    assert data["config"]["repeats"] == 3
+    for impl in ("reference", "torch"):
+        rec = _result(data, "distance", impl)
+        assert len(rec["process_medians_s"]) == 3 and rec["median_s"] == sorted(rec["process_medians_s"])[1]
+    with open(tmp_path / (name[:-5] + ".md")) as f:
+        assert "ran in 3 fresh processes, in turns" in f.read()

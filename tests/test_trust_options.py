@@ -240,6 +240,8 @@ def test_checkpoint_holding_foreign_objects_says_so(tmp_path):
         (["--max-minutes", "-1"], "--max-minutes"),
         (["--max-minutes", "inf"], "--max-minutes"),
         (["--merlin-max-n", "-3"], "--merlin-max-n"),
+        (["--repeats", "0"], "--repeats"),
+        (["--repeats", "2.5"], "--repeats"),
     ],
 )
 def test_bench_non_positive_limits_are_argument_errors(argv, option, capsys):

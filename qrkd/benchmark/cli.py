@@ -16,6 +16,7 @@ from .cases import COMPILED, MODES, NAMED, REFERENCE_IMPLS, RELATIONS, Case, mak
 from .formatting import _fmt_bytes, _fmt_time
 from .implementations import implementations
 from .machine import _mem_available, machine_info, machine_name, versions
+from .measure import combine_processes
 from .prediction import _predict_failure, _record_history
 from .report import SCHEMA, _write_json, annotate_case, write_report
 from .roofline import annotate_roofline, describe_rates, measure_machine
@@ -113,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=os.path.join("bench", "results"), help="output folder (default bench/results)")
     p.add_argument("--machine", help="machine name in the file names (default from the CPU or GPU model)")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--repeats", type=_positive(int), default=1, help="fresh processes per (case, implementation), "
+                   "run in turns across the implementations; a cell is the median of their medians (default 1)")
     p.add_argument("--no-roofline", action="store_true", help="skip measuring the GEMM rate and memory bandwidth")
     p.add_argument("--list", action="store_true", help="print the planned measurements and exit")
     p.add_argument("--report", metavar="JSON", help="only rewrite the markdown and the plots of a results file")
@@ -196,7 +199,7 @@ def main(argv=None) -> int:
     work = [(c, implementations(c, compiled=args.compiled, quick=args.quick, merlin_max_n=merlin_max_n,
                                 include=impls_for.get(c, include), exclude=exclude)) for c in cases]
     work = [(c, impls) for c, impls in work if impls]
-    total = sum(len(impls) for _, impls in work)
+    total = sum(len(impls) for _, impls in work) * args.repeats
     if args.list:
         for c, impls in work:
             print(f"{c.id:<52} {' '.join(c.tags):<8} {', '.join(impls)}")
@@ -226,6 +229,7 @@ def main(argv=None) -> int:
             "named_timeout_factor": profile["named_timeout_factor"],
             "max_minutes": max_minutes, "merlin_max_n": merlin_max_n,
             "compiled": args.compiled, "settings": settings, "torch_threads": torch.get_num_threads(),
+            "repeats": args.repeats,
         },
         "command": "qrkd bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
         "started": started.isoformat(timespec="seconds"),
@@ -255,26 +259,38 @@ def main(argv=None) -> int:
         done = 0
         for index, (case, impls) in enumerate(work):
             shift = index % len(impls)
+            runs: dict = {impl: [] for impl in impls}
+            # --repeats: one fresh process per (impl, round), the impls in turns so that a slow spell of the machine
+            # falls on all of them
+            for round_ in range(args.repeats):
+                turn = (shift + round_) % len(impls)
+                for impl in impls[turn:] + impls[:turn]:
+                    if runs[impl] and runs[impl][-1]["status"] != "ok":
+                        continue  # failed, or predicted to: not run again
+                    done += 1
+                    base = {"case": case.to_dict(), "case_id": case.id, "impl": impl,
+                            "kind": "reference" if impl in REFERENCE_IMPLS else "backend", "predicted": False}
+                    # the named shapes are the ones quoted: they get a longer budget (the angle loss at N=4096)
+                    case_timeout = timeout * (profile["named_timeout_factor"] if case.tags else 1.0)
+                    predicted = _predict_failure(case, impl, history, case_timeout, mem_limit)
+                    if deadline is not None and time.perf_counter() > deadline and not case.tags:
+                        # past the deadline only the named shapes (the ones quoted) still run
+                        spent = f"not run: the sweep's {max_minutes:g} min were spent"
+                        rec = dict(base, status="skipped", detail=spent)
+                    elif predicted:
+                        rec = dict(base, status=predicted[0], detail=predicted[1], predicted=True)
+                    else:
+                        extra = profile["compile_allowance"] if impl == COMPILED else 0.0  # compiling is in the child
+                        run_settings = dict(settings, budget_s=0.75 * case_timeout + extra)
+                        rec = dict(base, **runner.run(case, impl, run_settings, case_timeout + extra))
+                    runs[impl].append(rec)
+                    _progress(done, total, t_start, case, rec)
             records = []
-            for impl in impls[shift:] + impls[:shift]:
-                done += 1
-                base = {"case": case.to_dict(), "case_id": case.id, "impl": impl,
-                        "kind": "reference" if impl in REFERENCE_IMPLS else "backend", "predicted": False}
-                # the named shapes are the ones quoted: they get a longer budget (the angle loss at N=4096)
-                case_timeout = timeout * (profile["named_timeout_factor"] if case.tags else 1.0)
-                predicted = _predict_failure(case, impl, history, case_timeout, mem_limit)
-                if deadline is not None and time.perf_counter() > deadline and not case.tags:
-                    # past the deadline only the named shapes (the ones quoted) still run
-                    rec = dict(base, status="skipped", detail=f"not run: the sweep's {max_minutes:g} min were spent")
-                elif predicted:
-                    rec = dict(base, status=predicted[0], detail=predicted[1], predicted=True)
-                else:
-                    extra = profile["compile_allowance"] if impl == COMPILED else 0.0  # compiling is in the child
-                    run_settings = dict(settings, budget_s=0.75 * case_timeout + extra)
-                    rec = dict(base, **runner.run(case, impl, run_settings, case_timeout + extra))
+            for impl in impls:
+                rec = combine_processes(runs[impl])
+                if not rec.get("predicted") and rec["status"] != "skipped":
                     _record_history(history, case, impl, rec)
                 records.append(rec)
-                _progress(done, total, t_start, case, rec)
             records.sort(key=lambda r: impls.index(r["impl"]))
             annotate_case(records)
             annotate_roofline(records, data.get("roofline"))

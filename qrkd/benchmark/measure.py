@@ -85,6 +85,26 @@ def _stats(samples: list) -> dict:
     )
 
 
+def combine_processes(records: list) -> dict:
+    """One cell from the records of the same (case, impl) measured in several fresh processes (`--repeats`): the
+    median of the processes' medians (one process's median can be off by up to 2x on a shared machine), the IQR over
+    every sample, the largest peak memory; the first failure if any process failed."""
+    failed = [r for r in records if r["status"] != "ok"]
+    if failed or len(records) == 1:
+        return dict(failed[0] if failed else records[0], process_medians_s=[r["median_s"] for r in records
+                                                                           if r["status"] == "ok"])
+    medians = [r["median_s"] for r in records]
+    out = dict(records[0])
+    out.update(_stats([x for r in records for x in r["samples_s"]]))
+    out.update(
+        median_s=statistics.median(medians),
+        process_medians_s=medians,
+        peak_mem_bytes=max(r["peak_mem_bytes"] for r in records),
+        peak_rss_bytes=max(r["peak_rss_bytes"] for r in records),
+    )
+    return out
+
+
 def measure(case: Case, impl: str, settings: dict, started: float | None = None) -> dict:
     """Times `impl` on `case` in this process and measures its peak memory (see the module docstring)."""
     import torch
