@@ -185,15 +185,16 @@ def angle_pass(student, teacher, want_grad, anchor_start=0, anchor_stop=None, wo
         a_s, aux = s_side.angles(rows)
         a_t, _ = t_side.angles(rows)
         a_t = a_t.to(a_s.dtype)
-        if want_grad and not s_side.dot:  # the law-of-cosines gradient needs A_s again
+        if not want_grad:  # one fused pass (and one chunk-sized temporary): the forward alone is memory-bound
+            total += F.smooth_l1_loss(a_s, a_t, reduction="sum").double()
+            continue
+        if not s_side.dot:  # the law-of-cosines gradient needs A_s again
             total += F.smooth_l1_loss(a_s, a_t, reduction="sum").double()
             g = torch.sub(a_s, a_t, out=a_t).clamp_(-1.0, 1.0)
         else:  # in place, no N^3 temporaries: smooth_l1(u) = g (u - g / 2) with g = clamp(u, -1, 1)
             u = torch.sub(a_s, a_t, out=a_t)
             g = torch.clamp(u, -1.0, 1.0, out=a_s)
             total += u.sub_(g, alpha=0.5).mul_(g).sum().double()
-            if not want_grad:
-                continue
         # g = d smooth_l1(u) / du, u = A_s - A_t: symmetric in b, c
         if s_side.dot:
             unit, inv_norm, norm = aux
