@@ -403,6 +403,9 @@ def test_repeated_processes_give_the_median_of_their_medians():
     assert cell["reps"] == 6 and cell["min_s"] == 0.9 and cell["peak_mem_bytes"] == 7 and cell["peak_rss_bytes"] == 17
     failed = {"status": "timeout", "detail": "over budget"}
     assert combine_processes([rec(1.0, [1.0], 5), failed])["status"] == "timeout"
+    skipped = {"status": "skipped", "detail": "not run: the sweep's 20 min were spent"}
+    assert combine_processes([rec(1.0, [1.0], 5), skipped])["median_s"] == 1.0
+    assert combine_processes([skipped])["status"] == "skipped"
 
 
 def test_repeats_run_each_impl_in_several_processes_in_turns(tmp_path, capsys):

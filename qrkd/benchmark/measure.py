@@ -88,7 +88,10 @@ def _stats(samples: list) -> dict:
 def combine_processes(records: list) -> dict:
     """One cell from the records of the same (case, impl) measured in several fresh processes (`--repeats`): the
     median of the processes' medians (one process's median can be off by up to 2x on a shared machine), the IQR over
-    every sample, the largest peak memory; the first failure if any process failed."""
+    every sample, the largest peak memory; the first failure if any process failed. A round the sweep's deadline
+    skipped leaves the processes that ran."""
+    if any(r["status"] == "ok" for r in records):
+        records = [r for r in records if r["status"] != "skipped"]
     failed = [r for r in records if r["status"] != "ok"]
     if failed or len(records) == 1:
         return dict(failed[0] if failed else records[0], process_medians_s=[r["median_s"] for r in records
