@@ -157,12 +157,16 @@ def fidelity_kernel_matrix(x, *, kernel="simple", backend: str = "auto"):
     return impl.fidelity_kernel_matrix(x)
 
 
+def common_columns(student, teacher):
+    """Both sides cut to their first min(Ds, Dt) columns, as the seed does before its fidelity kernels."""
+    width = min(student.shape[1], teacher.shape[1])
+    return student[:, :width], teacher[:, :width]
+
+
 def fidelity_kernel_loss(student, teacher, *, kernel="simple", backend: str = "auto"):
     """smooth_l1(K(student) - K(teacher)) over the N^2 kernel entries. When the widths differ, both sides are cut to
-    their first min(Ds, Dt) columns first, as the seed does."""
-    student, teacher = _prepare_pair(student, teacher)
-    width = min(student.shape[1], teacher.shape[1])
-    student, teacher = student[:, :width], teacher[:, :width]
+    their first min(Ds, Dt) columns first (common_columns)."""
+    student, teacher = common_columns(*_prepare_pair(student, teacher))
     if _is_photonic(kernel):
         with torch.no_grad():
             k_t = kernel(teacher, backend=backend)

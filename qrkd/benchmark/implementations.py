@@ -112,6 +112,7 @@ def _loss_function(case: Case, impl: str, device, dtype):
 
     import qrkd
     from qrkd.backends import reference
+    from qrkd.functional import common_columns
 
     if impl == "merlin":
         if case.relation != "photonic":
@@ -140,9 +141,8 @@ def _loss_function(case: Case, impl: str, device, dtype):
         compiled = torch.compile(getattr(reference, OPS[case.relation]), dynamic=False)
         if case.relation == "distance":
             return lambda s, t: compiled(s, t, False)
-        if case.relation == "fidelity":  # the public loss's own first step (functional.fidelity_kernel_loss)
-            width = min(case.ds, case.dt)
-            return lambda s, t: compiled(s[:, :width].contiguous(), t[:, :width].contiguous())
+        if case.relation == "fidelity":  # the public loss's own first step, outside the compiled function
+            return lambda s, t: compiled(*(x.contiguous() for x in common_columns(s, t)))
         return compiled
     if impl == "reference-zd":
         return lambda s, t: qrkd.rkd_distance_loss(s, t, zero_diagonal=True, backend="reference")
