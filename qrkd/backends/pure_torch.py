@@ -185,12 +185,11 @@ def angle_pass(student, teacher, want_grad, anchor_start=0, anchor_stop=None, wo
         a_s, aux = s_side.angles(rows)
         a_t, _ = t_side.angles(rows)
         a_t = a_t.to(a_s.dtype)
-        if not want_grad:  # one fused pass (and one chunk-sized temporary): the forward alone is memory-bound
+        if not want_grad or not s_side.dot:  # one fused pass (and one chunk-sized temporary)
             total += F.smooth_l1_loss(a_s, a_t, reduction="sum").double()
-            continue
-        if not s_side.dot:  # the law-of-cosines gradient needs A_s again
-            total += F.smooth_l1_loss(a_s, a_t, reduction="sum").double()
-            g = torch.sub(a_s, a_t, out=a_t).clamp_(-1.0, 1.0)
+            if not want_grad:
+                continue
+            g = torch.sub(a_s, a_t, out=a_t).clamp_(-1.0, 1.0)  # the law-of-cosines gradient needs A_s again
         else:  # in place, no N^3 temporaries: smooth_l1(u) = g (u - g / 2) with g = clamp(u, -1, 1)
             u = torch.sub(a_s, a_t, out=a_t)
             g = torch.clamp(u, -1.0, 1.0, out=a_s)

@@ -260,6 +260,8 @@ def main(argv=None) -> int:
         for index, (case, impls) in enumerate(work):
             shift = index % len(impls)
             runs: dict = {impl: [] for impl in impls}
+            # the named shapes are the ones quoted: they get a longer budget (the angle loss at N=4096)
+            case_timeout = timeout * (profile["named_timeout_factor"] if case.tags else 1.0)
             # --repeats: one fresh process per (impl, round), the impls in turns so that a slow spell of the machine
             # falls on all of them
             for round_ in range(args.repeats):
@@ -270,8 +272,6 @@ def main(argv=None) -> int:
                     done += 1
                     base = {"case": case.to_dict(), "case_id": case.id, "impl": impl,
                             "kind": "reference" if impl in REFERENCE_IMPLS else "backend", "predicted": False}
-                    # the named shapes are the ones quoted: they get a longer budget (the angle loss at N=4096)
-                    case_timeout = timeout * (profile["named_timeout_factor"] if case.tags else 1.0)
                     predicted = _predict_failure(case, impl, history, case_timeout, mem_limit)
                     if deadline is not None and time.perf_counter() > deadline and not case.tags:
                         # past the deadline only the named shapes (the ones quoted) still run

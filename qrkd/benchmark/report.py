@@ -106,12 +106,12 @@ def write_markdown(data: dict, path: str) -> None:
     )
     lines.append(describe_rates(data.get("roofline")))
     lines.append("")
+    repeats = cfg.get("repeats", 1)
+    processes = (f"{repeats} fresh processes, in turns across the implementations (a cell's time is the median of the "
+                 "processes' medians; " if repeats > 1 else "its own fresh process (")
     lines.append(
-        (f"Each (case, implementation) ran in {cfg['repeats']} fresh processes, in turns across the implementations "
-         f"(a cell's time is the median of the processes' medians; device {cfg['device']}, "
-         if cfg.get("repeats", 1) > 1 else
-         f"Each (case, implementation) ran in its own fresh process (device {cfg['device']}, ")
-        + f"address-space limit {_fmt_bytes(cfg['mem_limit_bytes'])} above the imports on the CPU, time budget "
+        f"Each (case, implementation) ran in {processes}device {cfg['device']}, "
+        f"address-space limit {_fmt_bytes(cfg['mem_limit_bytes'])} above the imports on the CPU, time budget "
         f"{cfg['case_timeout_s']:g} s, x{cfg.get('named_timeout_factor', 1):g} at the named shapes, "
         f"+{cfg.get('compile_allowance_s', 0):g} s for torch.compile). Cells: median time of one call (its speedup over the reference: the "
         "reference's median divided by this one, > 1 is faster), then peak memory above the inputs. "
