@@ -6,7 +6,7 @@
 //    L = [[Re P, Im P], [Im P, -Re P]] (2 TI n x 2m, rows (i, a)),  R = [Re Q^T; Im Q^T] (2m x n TJ,
 //    columns (b, j)), so C[(i, a)][(b, j)] = Re A_ij[a][b] and C[TI n + (i, a)][(b, j)] = Im A_ij[a][b]: for fixed
 //    (i, a, b) consecutive j are contiguous, the structure-of-arrays layout the second stage reads.
-// 2. The permanents, kLanes pairs (i, j..j+kLanes-1) at a time, every inner loop running over the lanes. Glynn's
+// 2. The permanents, many pairs (i, j..j+lanes-1) at a time, every operation a vector over the lanes. Glynn's
 //    formula with the sign vectors in Gray-code order (one column flipped per step, 2^(n-1) steps):
 //      Perm(A) = 2^-(n-1) sum_{d in {+-1}^n, d_0 = 1} (prod_b d_b) prod_a r_a(d),   r_a(d) = sum_b d_b A_ab,
 //    and for the backward its cofactors (the derivative of Perm(A) in A_ab) from the same walk:
@@ -16,9 +16,8 @@
 // The backward's per-pair weights Y = 2 G_ij Perm(A) conj(C) overwrite C in the same layout, and two more products
 // contract them (BLAS): dL/dP = Y Q (from Y R^T) and dL/dQ = Y^H P (from Y^T L).
 //
-// Precision: the walks run in double whatever the input dtype (the Gray-code walk accumulates rounding over 2^(n-1)
-// steps); the products run in the input's precision (float32 for complex64, as torch's own complex64 matmul would),
-// and every sum over tiles is kept in double. The photon count n is a template parameter (1..kMaxPhotons) so that
+// Precision: the products and, up to kFloatWalkPhotons photons, the walks run in the input's precision (float32 for
+// complex64, as torch's own complex64 matmul and the float32 reference would); every sum over tiles is kept in double. The photon count n is a template parameter (1..kMaxPhotons) so that
 // the n-loops unroll. OpenMP threads share the row tiles; thread 0 polls for Ctrl-C between tiles (interrupt.h).
 
 #include <ATen/ATen.h>
@@ -31,6 +30,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 // The Fortran BLAS that torch is linked with (MKL in torch's x86 wheels). Weak: where torch exports no such symbol
@@ -46,7 +46,15 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 
 namespace qrkd_photonic {
 
-constexpr int kLanes = 8;  // pairs per walk: one i, eight consecutive j (two AVX2 vectors: two independent chains)
+// The walks' precision. complex64 inputs walk in float up to kFloatWalkPhotons photons, like their products, and in
+// double above: the hard case of a Gray-code walk is a rank-one A, whose 2^(n-1) terms reach n^n / n! times the
+// permanent and cancel down to it (26x at n = 5, 416x at n = 8, 18,600x at n = 12, where a float walk loses 3e-5).
+constexpr int kFloatWalkPhotons = 8;
+template <int NR, typename T>
+using Walk = std::conditional_t<std::is_same<T, float>::value && NR <= kFloatWalkPhotons, float, double>;
+
+// Pairs per cofactor walk (the backward's): one i and eight consecutive j. The forward's walk takes one vector of pairs.
+constexpr int kCofactorLanes = 8;
 constexpr int64_t kTileRows = 8;            // TI
 constexpr int64_t kTileBytes = 192 * 1024;  // the product buffer C of a tile, to stay in L2 with its R tile
 
@@ -82,8 +90,8 @@ static void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, co
   at::from_blob(c, {m, n}, {1, ldc}, options).copy_(product);
 }
 
-// Tile geometry for n photons, m modes and products in T. TI n is a multiple of kRowBlock (TI is 8) and the columns
-// n TJ a multiple of kColBlock (TJ is a multiple of 16).
+// Tile geometry for n photons, m modes and products in T. The rows 2 TI n are even (TI is 8) and the columns n TJ a
+// multiple of 16 (TJ is), so of the product's two-vector panels.
 constexpr int64_t kColAlign = 16;
 
 struct Tiles {
@@ -139,83 +147,86 @@ static std::vector<T> pack_right(const c10::complex<T>* q, int64_t M, const Tile
 }
 
 // C = L R for one tile: depth 2m is too shallow for a BLAS call to pay off (MKL's sgemm ran these shapes at about half
-// its large-GEMM rate here), so a register-blocked kernel: kRowBlock rows of L against a panel of kColBlock columns
-// of R (in L1), the kRowBlock x kColBlock block of C accumulating in registers over the depth.
-constexpr int kRowBlock = 4;
+// its large-GEMM rate here), so a register-blocked kernel: RB rows of L against a panel of two vectors of R's columns,
+// the RB x 2 vectors of C accumulating in registers over the depth, each panel vector loaded once per depth step and
+// each L entry broadcast once (at RB = 6: 8 loads for 12 multiply-adds, so the multiply-adds set the pace).
 template <typename T>
-constexpr int kColBlock = 64 / int(sizeof(T));  // two 256-bit vectors per row of the block
+struct VecOf;  // 32 bytes of T, loaded and stored unaligned (as immintrin.h's __m256_u)
+template <>
+struct VecOf<float> {
+  typedef float type __attribute__((vector_size(32), may_alias, aligned(1)));
+};
+template <>
+struct VecOf<double> {
+  typedef double type __attribute__((vector_size(32), may_alias, aligned(1)));
+};
+template <typename T>
+using Vec = typename VecOf<T>::type;
+template <typename T>
+constexpr int kVecLanes = 32 / int(sizeof(T));
+constexpr int kRowBlock = 6;
+
+template <int RB, typename T>
+static inline void tile_block(const T* l, const T* r, int64_t depth, int64_t cols, T* c) {
+  using V = Vec<T>;
+  constexpr int W = kVecLanes<T>;
+  V acc[RB][2];
+  for (int rr = 0; rr < RB; ++rr) acc[rr][0] = acc[rr][1] = V{};
+  for (int64_t k = 0; k < depth; ++k) {
+    const V p0 = *reinterpret_cast<const V*>(r + k * cols), p1 = *reinterpret_cast<const V*>(r + k * cols + W);
+    for (int rr = 0; rr < RB; ++rr) {
+      const T lv = l[rr * depth + k];
+      acc[rr][0] += lv * p0;
+      acc[rr][1] += lv * p1;
+    }
+  }
+  for (int rr = 0; rr < RB; ++rr) {
+    *reinterpret_cast<V*>(c + rr * cols) = acc[rr][0];
+    *reinterpret_cast<V*>(c + rr * cols + W) = acc[rr][1];
+  }
+}
 
 template <typename T>
 static void tile_product(const T* l, const T* r, const Tiles& t, T* c) {
-  constexpr int CB = kColBlock<T>;
+  constexpr int CB = 2 * kVecLanes<T>;  // the columns are a multiple of 16 (kColAlign), so of CB
   const int64_t rows = 2 * kTileRows * t.n, cols = t.ldc(), depth = 2 * t.m;
-  for (int64_t c0 = 0; c0 < cols; c0 += CB)
-    for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
-      T acc[kRowBlock][CB];
-      for (int rr = 0; rr < kRowBlock; ++rr)
-#pragma omp simd
-        for (int cc = 0; cc < CB; ++cc) acc[rr][cc] = T(0);
-      for (int64_t k = 0; k < depth; ++k) {
-        const T* panel = r + k * cols + c0;
-        for (int rr = 0; rr < kRowBlock; ++rr) {
-          const T lv = l[(r0 + rr) * depth + k];
-#pragma omp simd
-          for (int cc = 0; cc < CB; ++cc) acc[rr][cc] += lv * panel[cc];
-        }
-      }
-      for (int rr = 0; rr < kRowBlock; ++rr)
-#pragma omp simd
-        for (int cc = 0; cc < CB; ++cc) c[(r0 + rr) * cols + c0 + cc] = acc[rr][cc];
-    }
+  for (int64_t c0 = 0; c0 < cols; c0 += CB) {
+    int64_t r0 = 0;
+    for (; r0 + kRowBlock <= rows; r0 += kRowBlock)
+      tile_block<kRowBlock>(l + r0 * depth, r + c0, depth, cols, c + r0 * cols + c0);
+    for (; r0 < rows; r0 += 2) tile_block<2>(l + r0 * depth, r + c0, depth, cols, c + r0 * cols + c0);
+  }
 }
 
-// A[a][b][lane] of the pairs (row ii of the tile, columns jj..jj+kLanes-1), in double.
-template <int NR, typename T>
-static inline void gather_pairs(const T* c, const Tiles& t, int64_t ii, int64_t jj, double (&ar)[NR][NR][kLanes],
-                                double (&ai)[NR][NR][kLanes]) {
+// A[a][b][lane] of the pairs (row ii of the tile, columns jj..jj+L-1), in W.
+template <int NR, typename T, typename W, int L>
+static inline void gather_pairs(const T* c, const Tiles& t, int64_t ii, int64_t jj, W (&ar)[NR][NR][L],
+                                W (&ai)[NR][NR][L]) {
   const int64_t ld = t.ldc(), imag = kTileRows * NR * ld;
   for (int a = 0; a < NR; ++a)
     for (int b = 0; b < NR; ++b) {
       const T* src = c + (ii * NR + a) * ld + b * t.cols + jj;
 #pragma omp simd
-      for (int l = 0; l < kLanes; ++l) {
-        ar[a][b][l] = double(src[l]);
-        ai[a][b][l] = double(src[imag + l]);
+      for (int l = 0; l < L; ++l) {
+        ar[a][b][l] = W(src[l]);
+        ai[a][b][l] = W(src[imag + l]);
       }
     }
 }
 
-// x = prod_a r_a (complex, per lane)
-template <int NR>
-static inline void row_product(const double (&rr)[NR][kLanes], const double (&ri)[NR][kLanes], double (&xr)[kLanes],
-                               double (&xi)[kLanes]) {
-#pragma omp simd
-  for (int l = 0; l < kLanes; ++l) {
-    xr[l] = rr[0][l];
-    xi[l] = ri[0][l];
-  }
-  for (int a = 1; a < NR; ++a)
-#pragma omp simd
-    for (int l = 0; l < kLanes; ++l) {
-      const double tr = xr[l] * rr[a][l] - xi[l] * ri[a][l];
-      xi[l] = xr[l] * ri[a][l] + xi[l] * rr[a][l];
-      xr[l] = tr;
-    }
-}
-
 // r_a = sum_b A_ab (the sign vector of all +1)
-template <int NR>
-static inline void full_row_sums(const double (&ar)[NR][NR][kLanes], const double (&ai)[NR][NR][kLanes],
-                                 double (&rr)[NR][kLanes], double (&ri)[NR][kLanes]) {
+template <int NR, typename W, int L>
+static inline void full_row_sums(const W (&ar)[NR][NR][L], const W (&ai)[NR][NR][L],
+                                 W (&rr)[NR][L], W (&ri)[NR][L]) {
   for (int a = 0; a < NR; ++a) {
 #pragma omp simd
-    for (int l = 0; l < kLanes; ++l) {
+    for (int l = 0; l < L; ++l) {
       rr[a][l] = ar[a][0][l];
       ri[a][l] = ai[a][0][l];
     }
     for (int b = 1; b < NR; ++b)
 #pragma omp simd
-      for (int l = 0; l < kLanes; ++l) {
+      for (int l = 0; l < L; ++l) {
         rr[a][l] += ar[a][b][l];
         ri[a][l] += ai[a][b][l];
       }
@@ -237,57 +248,76 @@ struct GrayStep {
   }
 };
 
-template <int NR>
-static inline void glynn_permanent(const double (&ar)[NR][NR][kLanes], const double (&ai)[NR][NR][kLanes],
-                                   double (&pr)[kLanes], double (&pi)[kLanes]) {
-  double rr[NR][kLanes], ri[NR][kLanes], xr[kLanes], xi[kLanes], sr[kLanes], si[kLanes];
-  full_row_sums<NR>(ar, ai, rr, ri);
-  row_product<NR>(rr, ri, sr, si);
-  for (uint32_t step = 1; step < (1u << (NR - 1)); ++step) {
-    const GrayStep g(step);
-    for (int a = 0; a < NR; ++a)
-#pragma omp simd
-      for (int l = 0; l < kLanes; ++l) {
-        rr[a][l] += g.twice * ar[a][g.col][l];
-        ri[a][l] += g.twice * ai[a][g.col][l];
-      }
-    row_product<NR>(rr, ri, xr, xi);
-#pragma omp simd
-    for (int l = 0; l < kLanes; ++l) {
-      sr[l] += g.sign * xr[l];
-      si[l] += g.sign * xi[l];
+// Perm(A) of one vector of pairs, entry (a, b) of theirs at re / im + a sa + b sb (the lanes contiguous). The row
+// sums live in registers (2 NR vectors), each step loads the flipped column and multiplies the row sums in a chain.
+template <int NR, typename W>
+static inline void glynn_permanent(const W* re, const W* im, int64_t sa, int64_t sb, Vec<W>& pr, Vec<W>& pi) {
+  using V = Vec<W>;
+  auto entry = [sa, sb](const W* x, int a, int b) { return *reinterpret_cast<const V*>(x + a * sa + b * sb); };
+  V rr[NR], ri[NR];
+  for (int a = 0; a < NR; ++a) {
+    rr[a] = entry(re, a, 0);
+    ri[a] = entry(im, a, 0);
+    for (int b = 1; b < NR; ++b) {
+      rr[a] += entry(re, a, b);
+      ri[a] += entry(im, a, b);
     }
   }
-  const double scale = 1.0 / double(1u << (NR - 1));  // a power of two: exact
-#pragma omp simd
-  for (int l = 0; l < kLanes; ++l) {
-    pr[l] = sr[l] * scale;
-    pi[l] = si[l] * scale;
+  auto product = [&rr, &ri](V& xr, V& xi) {
+    xr = rr[0];
+    xi = ri[0];
+    for (int a = 1; a < NR; ++a) {
+      const V tr = xr * rr[a] - xi * ri[a];
+      xi = xr * ri[a] + xi * rr[a];
+      xr = tr;
+    }
+  };
+  V sr, si;
+  product(sr, si);
+  for (uint32_t step = 1; step < (1u << (NR - 1)); ++step) {
+    const GrayStep g(step);
+    const W twice = W(g.twice);
+    for (int a = 0; a < NR; ++a) {
+      rr[a] += twice * entry(re, a, g.col);
+      ri[a] += twice * entry(im, a, g.col);
+    }
+    V xr, xi;
+    product(xr, xi);
+    if (g.sign > 0) {
+      sr += xr;
+      si += xi;
+    } else {
+      sr -= xr;
+      si -= xi;
+    }
   }
+  const W scale = W(1) / W(1u << (NR - 1));  // a power of two: exact
+  pr = sr * scale;
+  pi = si * scale;
 }
 
 // C[a][b][l] = d Perm(A_l) / d A_l[a][b].
-template <int NR>
-static inline void glynn_cofactors(const double (&ar)[NR][NR][kLanes], const double (&ai)[NR][NR][kLanes],
-                                   double (&cr)[NR][NR][kLanes], double (&ci)[NR][NR][kLanes]) {
-  double rr[NR][kLanes], ri[NR][kLanes];
-  double dr[NR][kLanes] = {}, di[NR][kLanes] = {};  // D_a: running sum of E_a over the sign vectors visited
+template <int NR, typename W, int L>
+static inline void glynn_cofactors(const W (&ar)[NR][NR][L], const W (&ai)[NR][NR][L],
+                                   W (&cr)[NR][NR][L], W (&ci)[NR][NR][L]) {
+  W rr[NR][L], ri[NR][L];
+  W dr[NR][L] = {}, di[NR][L] = {};  // D_a: running sum of E_a over the sign vectors visited
   // cr/ci[a][b] for b >= 1 hold, until the end, the D_a read at column b's last flip
   for (int a = 0; a < NR; ++a)
     for (int b = 0; b < NR; ++b)
-      for (int l = 0; l < kLanes; ++l) cr[a][b][l] = ci[a][b][l] = 0.0;
-  double run_r[NR][NR][kLanes] = {}, run_i[NR][NR][kLanes] = {};  // sum of d_b E_a over the closed runs of column b
+      for (int l = 0; l < L; ++l) cr[a][b][l] = ci[a][b][l] = 0.0;
+  W run_r[NR][NR][L] = {}, run_i[NR][NR][L] = {};  // sum of d_b E_a over the closed runs of column b
   uint32_t gray = 0;
-  full_row_sums<NR>(ar, ai, rr, ri);
+  full_row_sums<NR, W, L>(ar, ai, rr, ri);
   for (uint32_t step = 0; step < (1u << (NR - 1)); ++step) {
-    double sign = 1.0;
+    W sign = 1.0;
     if (step > 0) {
       const GrayStep g(step);
       // column g.col closes a run: its sign before the flip was the opposite of the new one
-      const double before = g.twice > 0 ? -1.0 : 1.0;
+      const W before = g.twice > 0 ? -1.0 : 1.0, twice = W(g.twice);
       for (int a = 0; a < NR; ++a)
 #pragma omp simd
-        for (int l = 0; l < kLanes; ++l) {
+        for (int l = 0; l < L; ++l) {
           run_r[a][g.col][l] += before * (dr[a][l] - cr[a][g.col][l]);
           run_i[a][g.col][l] += before * (di[a][l] - ci[a][g.col][l]);
           cr[a][g.col][l] = dr[a][l];
@@ -295,55 +325,55 @@ static inline void glynn_cofactors(const double (&ar)[NR][NR][kLanes], const dou
         }
       for (int a = 0; a < NR; ++a)
 #pragma omp simd
-        for (int l = 0; l < kLanes; ++l) {
-          rr[a][l] += g.twice * ar[a][g.col][l];
-          ri[a][l] += g.twice * ai[a][g.col][l];
+        for (int l = 0; l < L; ++l) {
+          rr[a][l] += twice * ar[a][g.col][l];
+          ri[a][l] += twice * ai[a][g.col][l];
         }
       gray = step ^ (step >> 1);
-      sign = g.sign;
+      sign = W(g.sign);
     }
     // E_a = sign prod_{a' != a} r_a': suffix products (the sign folded in), then prefix products
-    double sfr[NR + 1][kLanes], sfi[NR + 1][kLanes];
+    W sfr[NR + 1][L], sfi[NR + 1][L];
 #pragma omp simd
-    for (int l = 0; l < kLanes; ++l) {
+    for (int l = 0; l < L; ++l) {
       sfr[NR][l] = sign;
       sfi[NR][l] = 0.0;
     }
     for (int a = NR - 1; a >= 1; --a)
 #pragma omp simd
-      for (int l = 0; l < kLanes; ++l) {
+      for (int l = 0; l < L; ++l) {
         sfr[a][l] = sfr[a + 1][l] * rr[a][l] - sfi[a + 1][l] * ri[a][l];
         sfi[a][l] = sfr[a + 1][l] * ri[a][l] + sfi[a + 1][l] * rr[a][l];
       }
-    double pfr[kLanes], pfi[kLanes];
+    W pfr[L], pfi[L];
 #pragma omp simd
-    for (int l = 0; l < kLanes; ++l) {
+    for (int l = 0; l < L; ++l) {
       pfr[l] = 1.0;
       pfi[l] = 0.0;
     }
     for (int a = 0; a < NR; ++a) {
 #pragma omp simd
-      for (int l = 0; l < kLanes; ++l) {
+      for (int l = 0; l < L; ++l) {
         dr[a][l] += pfr[l] * sfr[a + 1][l] - pfi[l] * sfi[a + 1][l];
         di[a][l] += pfr[l] * sfi[a + 1][l] + pfi[l] * sfr[a + 1][l];
-        const double tr = pfr[l] * rr[a][l] - pfi[l] * ri[a][l];
+        const W tr = pfr[l] * rr[a][l] - pfi[l] * ri[a][l];
         pfi[l] = pfr[l] * ri[a][l] + pfi[l] * rr[a][l];
         pfr[l] = tr;
       }
     }
   }
   // close the open runs (column b's sign now: bit b-1 of the last Gray code); column 0's sign is always +1
-  const double scale = 1.0 / double(1u << (NR - 1));
+  const W scale = 1.0 / W(1u << (NR - 1));
   for (int a = 0; a < NR; ++a) {
 #pragma omp simd
-    for (int l = 0; l < kLanes; ++l) {
+    for (int l = 0; l < L; ++l) {
       cr[a][0][l] = dr[a][l] * scale;
       ci[a][0][l] = di[a][l] * scale;
     }
     for (int b = 1; b < NR; ++b) {
-      const double now = ((gray >> (b - 1)) & 1u) ? -1.0 : 1.0;
+      const W now = ((gray >> (b - 1)) & 1u) ? -1.0 : 1.0;
 #pragma omp simd
-      for (int l = 0; l < kLanes; ++l) {
+      for (int l = 0; l < L; ++l) {
         cr[a][b][l] = (run_r[a][b][l] + now * (dr[a][l] - cr[a][b][l])) * scale;
         ci[a][b][l] = (run_i[a][b][l] + now * (di[a][l] - ci[a][b][l])) * scale;
       }
@@ -351,16 +381,19 @@ static inline void glynn_cofactors(const double (&ar)[NR][NR][kLanes], const dou
   }
 }
 
-// The pairs of a tile's walk: row ii of the tile and columns jj..jj+kLanes-1; whether any of them is to be computed.
-static inline bool block_needed(int64_t i, int64_t j0, int64_t N, int64_t M, bool symmetric) {
-  return i < N && j0 < M && !(symmetric && j0 + kLanes <= i);
+// The pairs of a tile's walk: row ii of the tile and columns jj..jj+lanes-1; whether any of them is to be computed.
+static inline bool block_needed(int64_t i, int64_t j0, int64_t lanes, int64_t N, int64_t M, bool symmetric) {
+  return i < N && j0 < M && !(symmetric && j0 + lanes <= i);
 }
 
-// K (N x M, double). symmetric: Q is P and only the pairs j >= i are computed (the caller mirrors).
+// K (N x M, in T). symmetric: Q is P and only the pairs j >= i are computed (the caller mirrors).
 template <int NR, typename T>
 static void forward_impl(const c10::complex<T>* p, const c10::complex<T>* q, int64_t N, int64_t M, int64_t m,
-                         bool symmetric, double* out, qrkd::Interrupt& interrupt) {
+                         bool symmetric, T* out, qrkd::Interrupt& interrupt) {
+  using W = Walk<NR, T>;
+  constexpr int L = kVecLanes<W>;  // pairs per walk: one vector
   const Tiles t = tiles_for<T>(NR, m, M);
+  const int64_t ld = t.ldc(), imag = kTileRows * NR * ld;
   const std::vector<T> right = pack_right(q, M, t);
   const int64_t row_tiles = (N + kTileRows - 1) / kTileRows, col_tiles = (M + t.cols - 1) / t.cols;
   const double pairs = double(N) * double(M) * (symmetric ? 0.5 : 1.0);
@@ -368,7 +401,7 @@ static void forward_impl(const c10::complex<T>* p, const c10::complex<T>* q, int
 #pragma omp parallel num_threads(threads)
   {
     std::vector<T> left(static_cast<size_t>(t.l_size())), prod(static_cast<size_t>(t.c_size()));
-    double ar[NR][NR][kLanes], ai[NR][NR][kLanes], pr[kLanes], pi[kLanes];
+    std::vector<W> converted(std::is_same<W, T>::value ? 0 : 2 * NR * NR * L);  // A of the pairs, in W
 #pragma omp for schedule(dynamic, 1)
     for (int64_t s = 0; s < row_tiles; ++s) {
       const int64_t i0 = s * kTileRows;
@@ -378,14 +411,28 @@ static void forward_impl(const c10::complex<T>* p, const c10::complex<T>* q, int
         tile_product(left.data(), right.data() + ct * t.r_size(), t, prod.data());
         for (int64_t ii = 0; ii < kTileRows; ++ii) {
           const int64_t i = i0 + ii;
-          for (int64_t jj = 0; jj < t.cols; jj += kLanes) {
+          for (int64_t jj = 0; jj < t.cols; jj += L) {
             const int64_t j0 = ct * t.cols + jj;
-            if (!block_needed(i, j0, N, M, symmetric)) continue;
-            gather_pairs<NR>(prod.data(), t, ii, jj, ar, ai);
-            glynn_permanent<NR>(ar, ai, pr, pi);
-            for (int l = 0; l < kLanes; ++l) {
+            if (!block_needed(i, j0, L, N, M, symmetric)) continue;
+            const T* re = prod.data() + ii * NR * ld + jj;
+            Vec<W> pr, pi;
+            if constexpr (std::is_same<W, T>::value) {
+              glynn_permanent<NR, W>(re, re + imag, ld, t.cols, pr, pi);
+            } else {
+              W* cre = converted.data();
+              W* cim = cre + NR * NR * L;
+              for (int a = 0; a < NR; ++a)
+                for (int b = 0; b < NR; ++b)
+                  for (int l = 0; l < L; ++l) {
+                    cre[(a * NR + b) * L + l] = W(re[a * ld + b * t.cols + l]);
+                    cim[(a * NR + b) * L + l] = W(re[imag + a * ld + b * t.cols + l]);
+                  }
+              glynn_permanent<NR, W>(cre, cim, NR * L, L, pr, pi);
+            }
+            const Vec<W> k = pr * pr + pi * pi;
+            for (int l = 0; l < L; ++l) {
               const int64_t j = j0 + l;
-              if (j < M && !(symmetric && j < i)) out[i * M + j] = pr[l] * pr[l] + pi[l] * pi[l];
+              if (j < M && !(symmetric && j < i)) out[i * M + j] = T(k[l]);
             }
           }
         }
@@ -404,6 +451,8 @@ template <int NR, typename T>
 static void backward_impl(const c10::complex<T>* p, const c10::complex<T>* q, const double* g, int64_t N, int64_t M,
                           int64_t m, bool symmetric, c10::complex<double>* grad_p, c10::complex<double>* grad_q,
                           qrkd::Interrupt& interrupt) {
+  using W = Walk<NR, T>;
+  constexpr int L = kCofactorLanes;
   const Tiles t = tiles_for<T>(NR, m, M);
   const std::vector<T> right = pack_right(q, M, t);
   const int64_t row_tiles = (N + kTileRows - 1) / kTileRows, col_tiles = (M + t.cols - 1) / t.cols;
@@ -418,7 +467,7 @@ static void backward_impl(const c10::complex<T>* p, const c10::complex<T>* q, co
     std::vector<T> left(static_cast<size_t>(t.l_size())), prod(static_cast<size_t>(t.c_size()));
     std::vector<T> w(static_cast<size_t>(2 * half * width)), wq(static_cast<size_t>(ld * width));
     std::vector<double> gp(static_cast<size_t>(2 * half * width));
-    double ar[NR][NR][kLanes], ai[NR][NR][kLanes], cr[NR][NR][kLanes], ci[NR][NR][kLanes];
+    W ar[NR][NR][L], ai[NR][NR][L], cr[NR][NR][L], ci[NR][NR][L];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t s = 0; s < row_tiles; ++s) {
       const int64_t i0 = s * kTileRows;
@@ -431,34 +480,34 @@ static void backward_impl(const c10::complex<T>* p, const c10::complex<T>* q, co
         // Y over the product, in place; zero where no pair is to be counted
         for (int64_t ii = 0; ii < kTileRows; ++ii) {
           const int64_t i = i0 + ii;
-          for (int64_t jj = 0; jj < t.cols; jj += kLanes) {
+          for (int64_t jj = 0; jj < t.cols; jj += L) {
             const int64_t j0 = ct * t.cols + jj;
             T* yr = prod.data() + ii * NR * ld + jj;
             T* yi = yr + half * ld;
-            if (!block_needed(i, j0, N, M, symmetric)) {
+            if (!block_needed(i, j0, L, N, M, symmetric)) {
               for (int a = 0; a < NR; ++a)
                 for (int b = 0; b < NR; ++b)
-                  for (int l = 0; l < kLanes; ++l) yr[a * ld + b * t.cols + l] = yi[a * ld + b * t.cols + l] = T(0);
+                  for (int l = 0; l < L; ++l) yr[a * ld + b * t.cols + l] = yi[a * ld + b * t.cols + l] = T(0);
               continue;
             }
-            gather_pairs<NR>(prod.data(), t, ii, jj, ar, ai);
-            glynn_cofactors<NR>(ar, ai, cr, ci);
-            double wr[kLanes], wi[kLanes];
-            for (int l = 0; l < kLanes; ++l) {
-              double sr = 0.0, si = 0.0;  // Perm(A) by cofactor expansion along the first row
+            gather_pairs<NR, T, W, L>(prod.data(), t, ii, jj, ar, ai);
+            glynn_cofactors<NR, W, L>(ar, ai, cr, ci);
+            W wr[L], wi[L];
+            for (int l = 0; l < L; ++l) {
+              W sr = 0, si = 0;  // Perm(A) by cofactor expansion along the first row
               for (int b = 0; b < NR; ++b) {
                 sr += ar[0][b][l] * cr[0][b][l] - ai[0][b][l] * ci[0][b][l];
                 si += ar[0][b][l] * ci[0][b][l] + ai[0][b][l] * cr[0][b][l];
               }
               const int64_t j = j0 + l;
               const bool counted = j < M && !(symmetric && j < i);  // padding, or the other triangle: exactly 0
-              wr[l] = counted ? 2.0 * g[i * M + j] * sr : 0.0;
-              wi[l] = counted ? 2.0 * g[i * M + j] * si : 0.0;
+              wr[l] = counted ? W(2.0 * g[i * M + j] * sr) : W(0);
+              wi[l] = counted ? W(2.0 * g[i * M + j] * si) : W(0);
             }
             for (int a = 0; a < NR; ++a)
               for (int b = 0; b < NR; ++b)
 #pragma omp simd
-                for (int l = 0; l < kLanes; ++l) {
+                for (int l = 0; l < L; ++l) {
                   yr[a * ld + b * t.cols + l] = T(wr[l] * cr[a][b][l] + wi[l] * ci[a][b][l]);
                   yi[a * ld + b * t.cols + l] = T(wi[l] * cr[a][b][l] - wr[l] * ci[a][b][l]);
                 }
@@ -509,7 +558,7 @@ static void forward_dispatch(const at::Tensor& p, const at::Tensor& q, bool symm
   const int64_t N = p.size(0), M = q.size(0), m = p.size(2);
   if (p.scalar_type() == at::kComplexFloat)
     forward_impl<NR, float>(p.data_ptr<c10::complex<float>>(), q.data_ptr<c10::complex<float>>(), N, M, m, symmetric,
-                            out.data_ptr<double>(), interrupt);
+                            out.data_ptr<float>(), interrupt);
   else
     forward_impl<NR, double>(p.data_ptr<c10::complex<double>>(), q.data_ptr<c10::complex<double>>(), N, M, m,
                              symmetric, out.data_ptr<double>(), interrupt);
@@ -539,12 +588,17 @@ at::Tensor photonic_fidelity_cpu(const at::Tensor& P, const at::Tensor& Q, bool 
   check_devices(P, Q, "photonic_fidelity");
   const int64_t N = P.size(0), M = Q.size(0), n = P.size(1);
   const at::Tensor p = working(P), q = working(Q);
-  at::Tensor out = at::empty({N, M}, P.options().dtype(at::kDouble));
+  at::Tensor out = at::empty({N, M}, P.options().dtype(c10::toRealValueType(p.scalar_type())));
   if (N > 0 && M > 0) {
     qrkd::Interrupt interrupt;
     QRKD_PHOTONIC_DISPATCH(n, forward_dispatch, p, q, symmetric, out, interrupt);
     interrupt.rethrow();
-    if (symmetric) qrkd::mirror_upper(out.data_ptr<double>(), N);
+    if (symmetric) {
+      if (out.scalar_type() == at::kFloat)
+        qrkd::mirror_upper(out.data_ptr<float>(), N);
+      else
+        qrkd::mirror_upper(out.data_ptr<double>(), N);
+    }
   }
   return out.to(c10::toRealValueType(P.scalar_type()));
 }
