@@ -90,33 +90,53 @@ inline bool worth_parallel(int64_t work) {
   return work > 65536;
 }
 
-// Calls pair(i * n + j, j * n + i) for every j > i of an n x n row-major matrix, in 64 x 64 tiles so that the
-// column accesses stay in cache.
-template <typename Pair>
-void for_each_upper_pair(int64_t n, Pair pair) {
-  constexpr int64_t kTile = 64;
-  const int64_t tiles = (n + kTile - 1) / kTile;
+// Calls block(i0, i1, j0, j1) for blocks of the upper triangle of an n x n matrix: rows [i0, i1) and columns [j0, j1)
+// of at most kTransposeBlock each, j0 >= i0, together covering every j > i once. Threads share bands of rows.
+constexpr int64_t kTransposeBlock = 16;
+
+template <typename Block>
+void for_each_upper_block(int64_t n, Block block) {
+  constexpr int64_t kBand = 64;
+  const int64_t bands = (n + kBand - 1) / kBand;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads()) if (worth_parallel(n * n))
-  for (int64_t bi = 0; bi < tiles; ++bi) {
-    const int64_t i0 = bi * kTile, i1 = std::min(n, i0 + kTile);
-    for (int64_t j0 = i0; j0 < n; j0 += kTile) {
-      const int64_t j1 = std::min(n, j0 + kTile);
-      for (int64_t i = i0; i < i1; ++i)
-        for (int64_t j = std::max(j0, i + 1); j < j1; ++j) pair(i * n + j, j * n + i);
-    }
-  }
+  for (int64_t band = 0; band < bands; ++band)
+    for (int64_t i0 = band * kBand; i0 < std::min(n, (band + 1) * kBand); i0 += kTransposeBlock)
+      for (int64_t j0 = i0; j0 < n; j0 += kTransposeBlock)
+        block(i0, std::min(n, i0 + kTransposeBlock), j0, std::min(n, j0 + kTransposeBlock));
 }
+
+// Both transposes below go through a small buffer, so that every row of either block is read or written whole: an
+// element-wise transpose walks a column at a stride of n elements, and at n a multiple of 1024 (float) every element
+// of that column falls in the same L1 set.
 
 // a[j][i] = a[i][j] for j > i
 template <typename T>
 void mirror_upper(T* a, int64_t n) {
-  for_each_upper_pair(n, [a](int64_t upper, int64_t lower) { a[lower] = a[upper]; });
+  for_each_upper_block(n, [a, n](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+    T buf[kTransposeBlock][kTransposeBlock];
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t j = std::max(j0, i + 1); j < j1; ++j) buf[j - j0][i - i0] = a[i * n + j];
+    for (int64_t j = j0; j < j1; ++j)
+      for (int64_t i = i0; i < std::min(i1, j); ++i) a[j * n + i] = buf[j - j0][i - i0];
+  });
 }
 
 // a[i][j] = a[j][i] = a[i][j] + a[j][i] for j > i (the symmetric part times 2)
 template <typename T>
 void symmetrise_sum(T* a, int64_t n) {
-  for_each_upper_pair(n, [a](int64_t upper, int64_t lower) { a[upper] = a[lower] = a[upper] + a[lower]; });
+  for_each_upper_block(n, [a, n](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+    T buf[kTransposeBlock][kTransposeBlock];
+    for (int64_t j = j0; j < j1; ++j)
+      for (int64_t i = i0; i < std::min(i1, j); ++i) buf[j - j0][i - i0] = a[j * n + i];
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t j = std::max(j0, i + 1); j < j1; ++j) {
+        const T sum = a[i * n + j] + buf[j - j0][i - i0];
+        a[i * n + j] = sum;
+        buf[j - j0][i - i0] = sum;
+      }
+    for (int64_t j = j0; j < j1; ++j)
+      for (int64_t i = i0; i < std::min(i1, j); ++i) a[j * n + i] = buf[j - j0][i - i0];
+  });
 }
 
 // The gradient tail of the distance and angle losses: sum_v H_uv (x_u - x_v) for every row u, that is

@@ -109,9 +109,9 @@ static Tiles tiles_for(int64_t n, int64_t m, int64_t M) {
   return {n, m, std::min(fit, (M + kColAlign - 1) / kColAlign * kColAlign)};
 }
 
-// L of the row tile starting at row i0 (zero rows past N).
+// L of the row tile starting at row i0 (zero rows past N), times `scale` (a power of two: exact).
 template <typename T>
-static void pack_left(const c10::complex<T>* p, int64_t N, int64_t i0, const Tiles& t, T* l) {
+static void pack_left(const c10::complex<T>* p, int64_t N, int64_t i0, const Tiles& t, T* l, T scale = T(1)) {
   const int64_t n = t.n, m = t.m, half = kTileRows * n, width = 2 * m;
   std::fill(l, l + t.l_size(), T(0));
   for (int64_t ii = 0; ii < kTileRows && i0 + ii < N; ++ii)
@@ -120,10 +120,10 @@ static void pack_left(const c10::complex<T>* p, int64_t N, int64_t i0, const Til
       T* top = l + (ii * n + a) * width;
       T* bottom = l + (half + ii * n + a) * width;
       for (int64_t k = 0; k < m; ++k) {
-        top[k] = row[k].real();
-        top[m + k] = row[k].imag();
-        bottom[k] = row[k].imag();
-        bottom[m + k] = -row[k].real();
+        top[k] = scale * row[k].real();
+        top[m + k] = scale * row[k].imag();
+        bottom[k] = scale * row[k].imag();
+        bottom[m + k] = -scale * row[k].real();
       }
     }
 }
@@ -248,8 +248,9 @@ struct GrayStep {
   }
 };
 
-// Perm(A) of one vector of pairs, entry (a, b) of theirs at re / im + a sa + b sb (the lanes contiguous). The row
-// sums live in registers (2 NR vectors), each step loads the flipped column and multiplies the row sums in a chain.
+// Perm(A) of one vector of pairs, given 2A: entry (a, b) of theirs at re / im + a sa + b sb (the lanes contiguous).
+// The row sums live in registers (2 NR vectors); each step adds or subtracts the flipped column of 2A (no multiply:
+// the adders, not the multiply-add units, take it) and multiplies the row sums in a chain.
 template <int NR, typename W>
 static inline void glynn_permanent(const W* re, const W* im, int64_t sa, int64_t sb, Vec<W>& pr, Vec<W>& pi) {
   using V = Vec<W>;
@@ -262,6 +263,8 @@ static inline void glynn_permanent(const W* re, const W* im, int64_t sa, int64_t
       rr[a] += entry(re, a, b);
       ri[a] += entry(im, a, b);
     }
+    rr[a] *= W(0.5);
+    ri[a] *= W(0.5);
   }
   auto product = [&rr, &ri](V& xr, V& xi) {
     xr = rr[0];
@@ -276,10 +279,16 @@ static inline void glynn_permanent(const W* re, const W* im, int64_t sa, int64_t
   product(sr, si);
   for (uint32_t step = 1; step < (1u << (NR - 1)); ++step) {
     const GrayStep g(step);
-    const W twice = W(g.twice);
-    for (int a = 0; a < NR; ++a) {
-      rr[a] += twice * entry(re, a, g.col);
-      ri[a] += twice * entry(im, a, g.col);
+    if (g.twice > 0) {
+      for (int a = 0; a < NR; ++a) {
+        rr[a] += entry(re, a, g.col);
+        ri[a] += entry(im, a, g.col);
+      }
+    } else {
+      for (int a = 0; a < NR; ++a) {
+        rr[a] -= entry(re, a, g.col);
+        ri[a] -= entry(im, a, g.col);
+      }
     }
     V xr, xi;
     product(xr, xi);
@@ -405,7 +414,7 @@ static void forward_impl(const c10::complex<T>* p, const c10::complex<T>* q, int
 #pragma omp for schedule(dynamic, 1)
     for (int64_t s = 0; s < row_tiles; ++s) {
       const int64_t i0 = s * kTileRows;
-      pack_left(p, N, i0, t, left.data());
+      pack_left(p, N, i0, t, left.data(), T(2));  // the walk takes 2A
       for (int64_t ct = symmetric ? i0 / t.cols : 0; ct < col_tiles; ++ct) {
         if (interrupt.check(qrkd::thread_id() == 0)) break;
         tile_product(left.data(), right.data() + ct * t.r_size(), t, prod.data());
