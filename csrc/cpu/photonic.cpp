@@ -14,7 +14,7 @@
 //    d_b is constant between two flips of column b, so sum_d d_b E_a(d) is accumulated per run: a running sum of
 //    E_a, read at each flip (O(n) per step, not O(n^2)).
 // The backward's per-pair weights Y = 2 G_ij Perm(A) conj(C) overwrite C in the same layout, and two more products
-// contract them (BLAS): dL/dP = Y Q (from Y R^T) and dL/dQ = Y^H P (from Y^T L).
+// contract them: dL/dP = Y Q (from Y R^T, dot products along the tile's columns) and dL/dQ = Y^H P (from L^T Y).
 //
 // Precision: the products and, up to kFloatWalkPhotons photons, the walks run in the input's precision (float32 for
 // complex64, as torch's own complex64 matmul and the float32 reference would); every sum over tiles is kept in double. The photon count n is a template parameter (1..kMaxPhotons) so that
@@ -32,17 +32,6 @@
 #include <tuple>
 #include <type_traits>
 #include <vector>
-
-// The Fortran BLAS that torch is linked with (MKL in torch's x86 wheels). Weak: where torch exports no such symbol
-// the products go through at::mm instead.
-extern "C" {
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
-            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-            const int* ldc) __attribute__((weak));
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
-            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
-            const int* ldc) __attribute__((weak));
-}
 
 namespace qrkd_photonic {
 
@@ -63,31 +52,6 @@ constexpr int64_t kTileBytes = 192 * 1024;  // the product buffer C of a tile, t
 static int threads_for(double units) {
   const double want = units / double(1 << 21);
   return static_cast<int>(std::max(1.0, std::min<double>(qrkd::num_threads(), want)));
-}
-
-// Column-major C (m x n, ldc) = op(A) op(B), op = transpose where the flag says so.
-template <typename T>
-static void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
-                 int64_t ldb, T* c, int64_t ldc) {
-  constexpr bool single = std::is_same<T, float>::value;
-  if (single ? sgemm_ != nullptr : dgemm_ != nullptr) {
-    const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
-    const int im = int(m), in = int(n), ik = int(k), ilda = int(lda), ildb = int(ldb), ildc = int(ldc);
-    const T one = 1, zero = 0;
-    if constexpr (single)
-      sgemm_(&ta, &tb, &im, &in, &ik, &one, a, &ilda, b, &ildb, &zero, c, &ildc);
-    else
-      dgemm_(&ta, &tb, &im, &in, &ik, &one, a, &ilda, b, &ildb, &zero, c, &ildc);
-    return;
-  }
-  // no BLAS symbol: a column-major (rows x cols, ld) matrix is the tensor of those sizes with strides (1, ld)
-  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  auto operand = [&](const T* x, int64_t rows, int64_t cols, int64_t ld, bool trans) {
-    return trans ? at::from_blob(const_cast<T*>(x), {cols, rows}, {1, ld}, options).t()
-                 : at::from_blob(const_cast<T*>(x), {rows, cols}, {1, ld}, options);
-  };
-  const at::Tensor product = at::mm(operand(a, m, k, lda, trans_a), operand(b, k, n, ldb, trans_b));
-  at::from_blob(c, {m, n}, {1, ldc}, options).copy_(product);
 }
 
 // Tile geometry for n photons, m modes and products in T. The rows 2 TI n are even (TI is 8) and the columns n TJ a
@@ -146,8 +110,8 @@ static std::vector<T> pack_right(const c10::complex<T>* q, int64_t M, const Tile
   return r;
 }
 
-// C = L R for one tile: depth 2m is too shallow for a BLAS call to pay off (MKL's sgemm ran these shapes at about half
-// its large-GEMM rate here), so a register-blocked kernel: RB rows of L against a panel of two vectors of R's columns,
+// The products of a tile are too small for a BLAS call to pay off (MKL's sgemm ran them at about half its large-GEMM
+// rate here), so register-blocked kernels. C = L R: RB rows of L against a panel of two vectors of R's columns,
 // the RB x 2 vectors of C accumulating in registers over the depth, each panel vector loaded once per depth step and
 // each L entry broadcast once (at RB = 6: 8 loads for 12 multiply-adds, so the multiply-adds set the pace).
 template <typename T>
@@ -186,15 +150,57 @@ static inline void tile_block(const T* l, const T* r, int64_t depth, int64_t col
   }
 }
 
+// C (rows x cols) = A B for A row-major (rows x depth) and B row-major (depth x cols), rows even and cols a multiple of
+// two vectors.
 template <typename T>
-static void tile_product(const T* l, const T* r, const Tiles& t, T* c) {
-  constexpr int CB = 2 * kVecLanes<T>;  // the columns are a multiple of 16 (kColAlign), so of CB
-  const int64_t rows = 2 * kTileRows * t.n, cols = t.ldc(), depth = 2 * t.m;
+static void block_product(const T* a, int64_t rows, int64_t depth, const T* b, int64_t cols, T* c) {
+  constexpr int CB = 2 * kVecLanes<T>;
   for (int64_t c0 = 0; c0 < cols; c0 += CB) {
     int64_t r0 = 0;
     for (; r0 + kRowBlock <= rows; r0 += kRowBlock)
-      tile_block<kRowBlock>(l + r0 * depth, r + c0, depth, cols, c + r0 * cols + c0);
-    for (; r0 < rows; r0 += 2) tile_block<2>(l + r0 * depth, r + c0, depth, cols, c + r0 * cols + c0);
+      tile_block<kRowBlock>(a + r0 * depth, b + c0, depth, cols, c + r0 * cols + c0);
+    for (; r0 < rows; r0 += 2) tile_block<2>(a + r0 * depth, b + c0, depth, cols, c + r0 * cols + c0);
+  }
+}
+
+// C = L R of a tile (its columns n TJ are a multiple of 16, kColAlign)
+template <typename T>
+static void tile_product(const T* l, const T* r, const Tiles& t, T* c) {
+  block_product(l, 2 * kTileRows * t.n, 2 * t.m, r, t.ldc(), c);
+}
+
+// C (rows x k) = A B^T for A (rows x len) and B (k x len), both row-major: dot products along len (a multiple of one
+// vector), XB rows of A against KB rows of B in registers, one horizontal sum per entry at the end.
+template <int XB, int KB, typename T>
+static inline void dot_block(const T* a, const T* b, int64_t len, int64_t ldc, T* c) {
+  using V = Vec<T>;
+  constexpr int VL = kVecLanes<T>;
+  V acc[XB][KB];
+  for (int x = 0; x < XB; ++x)
+    for (int k = 0; k < KB; ++k) acc[x][k] = V{};
+  for (int64_t e = 0; e < len; e += VL) {
+    V bv[KB];
+    for (int k = 0; k < KB; ++k) bv[k] = *reinterpret_cast<const V*>(b + k * len + e);
+    for (int x = 0; x < XB; ++x) {
+      const V av = *reinterpret_cast<const V*>(a + x * len + e);
+      for (int k = 0; k < KB; ++k) acc[x][k] += av * bv[k];
+    }
+  }
+  for (int x = 0; x < XB; ++x)
+    for (int k = 0; k < KB; ++k) {
+      T sum = 0;
+      for (int l = 0; l < VL; ++l) sum += acc[x][k][l];
+      c[x * ldc + k] = sum;
+    }
+}
+
+// rows a multiple of 4
+template <typename T>
+static void dot_product(const T* a, int64_t rows, int64_t len, const T* b, int64_t k, T* c) {
+  for (int64_t x0 = 0; x0 < rows; x0 += 4) {
+    int64_t k0 = 0;
+    for (; k0 + 3 <= k; k0 += 3) dot_block<4, 3>(a + x0 * len, b + k0 * len, len, k, c + x0 * k + k0);
+    for (; k0 < k; ++k0) dot_block<4, 1>(a + x0 * len, b + k0 * len, len, k, c + x0 * k + k0);
   }
 }
 
@@ -474,13 +480,15 @@ static void backward_impl(const c10::complex<T>* p, const c10::complex<T>* q, co
     std::vector<double>& gq = q_role[static_cast<size_t>(qrkd::thread_id())];
     gq.assign(static_cast<size_t>(M * NR * width), 0.0);
     std::vector<T> left(static_cast<size_t>(t.l_size())), prod(static_cast<size_t>(t.c_size()));
-    std::vector<T> w(static_cast<size_t>(2 * half * width)), wq(static_cast<size_t>(ld * width));
+    std::vector<T> left_t(left.size()), w(static_cast<size_t>(2 * half * width)), wq(static_cast<size_t>(ld * width));
     std::vector<double> gp(static_cast<size_t>(2 * half * width));
     W ar[NR][NR][L], ai[NR][NR][L], cr[NR][NR][L], ci[NR][NR][L];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t s = 0; s < row_tiles; ++s) {
       const int64_t i0 = s * kTileRows;
       pack_left(p, N, i0, t, left.data());
+      for (int64_t x = 0; x < 2 * half; ++x)
+        for (int64_t k = 0; k < width; ++k) left_t[k * 2 * half + x] = left[x * width + k];
       std::fill(gp.begin(), gp.end(), 0.0);
       for (int64_t ct = symmetric ? i0 / t.cols : 0; ct < col_tiles; ++ct) {
         if (interrupt.check(qrkd::thread_id() == 0)) break;
@@ -522,18 +530,17 @@ static void backward_impl(const c10::complex<T>* p, const c10::complex<T>* q, co
                 }
           }
         }
-        // P role: W = Y R^T (2 TI n x 2m); column-major W^T = R Y^T
-        gemm<T>(true, false, width, 2 * half, ld, r, ld, prod.data(), ld, w.data(), width);
+        // P role: W = Y R^T (2 TI n x 2m)
+        dot_product(prod.data(), 2 * half, ld, r, width, w.data());
         for (int64_t x = 0; x < 2 * half * width; ++x) gp[x] += double(w[x]);
-        // Q role: Y^T L (n TJ x 2m); column-major L^T Y
-        gemm<T>(false, true, width, ld, 2 * half, left.data(), width, prod.data(), ld, wq.data(), width);
+        // Q role: (Y^T L)^T = L^T Y (2m x n TJ)
+        block_product(left_t.data(), width, 2 * half, prod.data(), ld, wq.data());
         for (int64_t jj = 0; jj < t.cols; ++jj) {
           const int64_t j = ct * t.cols + jj;
           if (j >= M) break;
           for (int b = 0; b < NR; ++b) {
-            const T* src = wq.data() + (b * t.cols + jj) * width;
             double* dst = gq.data() + (j * NR + b) * width;
-            for (int64_t k = 0; k < width; ++k) dst[k] += double(src[k]);
+            for (int64_t k = 0; k < width; ++k) dst[k] += double(wq[k * ld + b * t.cols + jj]);
           }
         }
       }
