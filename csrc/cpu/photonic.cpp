@@ -17,8 +17,10 @@
 // contract them: dL/dP = Y Q (from Y R^T, dot products along the tile's columns) and dL/dQ = Y^H P (from L^T Y).
 //
 // Precision: the products and, up to kFloatWalkPhotons photons, the walks run in the input's precision (float32 for
-// complex64, as torch's own complex64 matmul and the float32 reference would); every sum over tiles is kept in double. The photon count n is a template parameter (1..kMaxPhotons) so that
-// the n-loops unroll. OpenMP threads share the row tiles; thread 0 polls for Ctrl-C between tiles (interrupt.h).
+// complex64, as torch's own complex64 matmul and the float32 reference would); every sum over tiles is kept in double.
+// The photon count n is a template parameter (1..kMaxPhotons) so that the n-loops unroll. Every walk takes one 256-bit
+// vector of pairs (GCC vector extensions: AVX2 where the build targets it, narrower vectors elsewhere). OpenMP threads
+// share the row tiles; thread 0 polls for Ctrl-C between tiles (interrupt.h).
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -42,8 +44,6 @@ constexpr int kFloatWalkPhotons = 8;
 template <int NR, typename T>
 using Walk = std::conditional_t<std::is_same<T, float>::value && NR <= kFloatWalkPhotons, float, double>;
 
-// Pairs per cofactor walk (the backward's): one i and eight consecutive j. The forward's walk takes one vector of pairs.
-constexpr int kCofactorLanes = 8;
 constexpr int64_t kTileRows = 8;            // TI
 constexpr int64_t kTileBytes = 192 * 1024;  // the product buffer C of a tile, to stay in L2 with its R tile
 
@@ -204,39 +204,17 @@ static void dot_product(const T* a, int64_t rows, int64_t len, const T* b, int64
   }
 }
 
-// A[a][b][lane] of the pairs (row ii of the tile, columns jj..jj+L-1), in W.
-template <int NR, typename T, typename W, int L>
-static inline void gather_pairs(const T* c, const Tiles& t, int64_t ii, int64_t jj, W (&ar)[NR][NR][L],
-                                W (&ai)[NR][NR][L]) {
-  const int64_t ld = t.ldc(), imag = kTileRows * NR * ld;
+// A of a vector of pairs, re / im at `src` and src + imag with entry (a, b) at a ld + b cols, converted to W in a
+// packed buffer (entry (a, b) at (a NR + b) L, the imaginary parts after the real ones): for the walks whose type is
+// not the product's.
+template <int NR, int L, typename T, typename W>
+static inline void convert_pairs(const T* src, int64_t imag, int64_t ld, int64_t cols, W* dst) {
   for (int a = 0; a < NR; ++a)
-    for (int b = 0; b < NR; ++b) {
-      const T* src = c + (ii * NR + a) * ld + b * t.cols + jj;
-#pragma omp simd
+    for (int b = 0; b < NR; ++b)
       for (int l = 0; l < L; ++l) {
-        ar[a][b][l] = W(src[l]);
-        ai[a][b][l] = W(src[imag + l]);
+        dst[(a * NR + b) * L + l] = W(src[a * ld + b * cols + l]);
+        dst[NR * NR * L + (a * NR + b) * L + l] = W(src[imag + a * ld + b * cols + l]);
       }
-    }
-}
-
-// r_a = sum_b A_ab (the sign vector of all +1)
-template <int NR, typename W, int L>
-static inline void full_row_sums(const W (&ar)[NR][NR][L], const W (&ai)[NR][NR][L],
-                                 W (&rr)[NR][L], W (&ri)[NR][L]) {
-  for (int a = 0; a < NR; ++a) {
-#pragma omp simd
-    for (int l = 0; l < L; ++l) {
-      rr[a][l] = ar[a][0][l];
-      ri[a][l] = ai[a][0][l];
-    }
-    for (int b = 1; b < NR; ++b)
-#pragma omp simd
-      for (int l = 0; l < L; ++l) {
-        rr[a][l] += ar[a][b][l];
-        ri[a][l] += ai[a][b][l];
-      }
-  }
 }
 
 // Step `step` (1 .. 2^(n-1) - 1) of the Gray-code order: the column it flips, twice its new sign (the row sums move
@@ -311,87 +289,84 @@ static inline void glynn_permanent(const W* re, const W* im, int64_t sa, int64_t
   pi = si * scale;
 }
 
-// C[a][b][l] = d Perm(A_l) / d A_l[a][b].
-template <int NR, typename W, int L>
-static inline void glynn_cofactors(const W (&ar)[NR][NR][L], const W (&ai)[NR][NR][L],
-                                   W (&cr)[NR][NR][L], W (&ci)[NR][NR][L]) {
-  W rr[NR][L], ri[NR][L];
-  W dr[NR][L] = {}, di[NR][L] = {};  // D_a: running sum of E_a over the sign vectors visited
+// The cofactors C[a][b] = d Perm(A) / d A[a][b] of one vector of pairs, entry (a, b) of A at re / im + a sa + b sb.
+template <int NR, typename W>
+static inline void glynn_cofactors(const W* re, const W* im, int64_t sa, int64_t sb, Vec<W> (&cr)[NR][NR],
+                                   Vec<W> (&ci)[NR][NR]) {
+  using V = Vec<W>;
+  auto entry = [sa, sb](const W* x, int a, int b) { return *reinterpret_cast<const V*>(x + a * sa + b * sb); };
+  V rr[NR], ri[NR];
+  V dr[NR], di[NR];  // D_a: running sum of E_a over the sign vectors visited
+  V run_r[NR][NR], run_i[NR][NR];  // sum of d_b E_a over the closed runs of column b
   // cr/ci[a][b] for b >= 1 hold, until the end, the D_a read at column b's last flip
-  for (int a = 0; a < NR; ++a)
-    for (int b = 0; b < NR; ++b)
-      for (int l = 0; l < L; ++l) cr[a][b][l] = ci[a][b][l] = 0.0;
-  W run_r[NR][NR][L] = {}, run_i[NR][NR][L] = {};  // sum of d_b E_a over the closed runs of column b
+  for (int a = 0; a < NR; ++a) {
+    rr[a] = entry(re, a, 0);
+    ri[a] = entry(im, a, 0);
+    for (int b = 1; b < NR; ++b) {
+      rr[a] += entry(re, a, b);
+      ri[a] += entry(im, a, b);
+    }
+    dr[a] = di[a] = V{};
+    for (int b = 0; b < NR; ++b) cr[a][b] = ci[a][b] = run_r[a][b] = run_i[a][b] = V{};
+  }
   uint32_t gray = 0;
-  full_row_sums<NR, W, L>(ar, ai, rr, ri);
   for (uint32_t step = 0; step < (1u << (NR - 1)); ++step) {
-    W sign = 1.0;
+    bool positive = true;  // prod_b d_b
     if (step > 0) {
       const GrayStep g(step);
-      // column g.col closes a run: its sign before the flip was the opposite of the new one
-      const W before = g.twice > 0 ? -1.0 : 1.0, twice = W(g.twice);
-      for (int a = 0; a < NR; ++a)
-#pragma omp simd
-        for (int l = 0; l < L; ++l) {
-          run_r[a][g.col][l] += before * (dr[a][l] - cr[a][g.col][l]);
-          run_i[a][g.col][l] += before * (di[a][l] - ci[a][g.col][l]);
-          cr[a][g.col][l] = dr[a][l];
-          ci[a][g.col][l] = di[a][l];
+      const int col = g.col;
+      // column col closes a run: its sign before the flip was the opposite of the new one
+      for (int a = 0; a < NR; ++a) {
+        if (g.twice > 0) {
+          run_r[a][col] -= dr[a] - cr[a][col];
+          run_i[a][col] -= di[a] - ci[a][col];
+        } else {
+          run_r[a][col] += dr[a] - cr[a][col];
+          run_i[a][col] += di[a] - ci[a][col];
         }
-      for (int a = 0; a < NR; ++a)
-#pragma omp simd
-        for (int l = 0; l < L; ++l) {
-          rr[a][l] += twice * ar[a][g.col][l];
-          ri[a][l] += twice * ai[a][g.col][l];
-        }
+        cr[a][col] = dr[a];
+        ci[a][col] = di[a];
+      }
+      const W twice = W(g.twice);
+      for (int a = 0; a < NR; ++a) {
+        rr[a] += twice * entry(re, a, col);
+        ri[a] += twice * entry(im, a, col);
+      }
       gray = step ^ (step >> 1);
-      sign = W(g.sign);
+      positive = g.sign > 0;
     }
-    // E_a = sign prod_{a' != a} r_a': suffix products (the sign folded in), then prefix products
-    W sfr[NR + 1][L], sfi[NR + 1][L];
-#pragma omp simd
-    for (int l = 0; l < L; ++l) {
-      sfr[NR][l] = sign;
-      sfi[NR][l] = 0.0;
+    // E_a = prod_{a' != a} r_a': suffix products, then prefix products
+    V sfr[NR + 1], sfi[NR + 1];
+    sfr[NR] = V{} + W(1);
+    sfi[NR] = V{};
+    for (int a = NR - 1; a >= 1; --a) {
+      sfr[a] = sfr[a + 1] * rr[a] - sfi[a + 1] * ri[a];
+      sfi[a] = sfr[a + 1] * ri[a] + sfi[a + 1] * rr[a];
     }
-    for (int a = NR - 1; a >= 1; --a)
-#pragma omp simd
-      for (int l = 0; l < L; ++l) {
-        sfr[a][l] = sfr[a + 1][l] * rr[a][l] - sfi[a + 1][l] * ri[a][l];
-        sfi[a][l] = sfr[a + 1][l] * ri[a][l] + sfi[a + 1][l] * rr[a][l];
-      }
-    W pfr[L], pfi[L];
-#pragma omp simd
-    for (int l = 0; l < L; ++l) {
-      pfr[l] = 1.0;
-      pfi[l] = 0.0;
-    }
+    V pfr = V{} + W(1), pfi = V{};
     for (int a = 0; a < NR; ++a) {
-#pragma omp simd
-      for (int l = 0; l < L; ++l) {
-        dr[a][l] += pfr[l] * sfr[a + 1][l] - pfi[l] * sfi[a + 1][l];
-        di[a][l] += pfr[l] * sfi[a + 1][l] + pfi[l] * sfr[a + 1][l];
-        const W tr = pfr[l] * rr[a][l] - pfi[l] * ri[a][l];
-        pfi[l] = pfr[l] * ri[a][l] + pfi[l] * rr[a][l];
-        pfr[l] = tr;
+      const V er = pfr * sfr[a + 1] - pfi * sfi[a + 1], ei = pfr * sfi[a + 1] + pfi * sfr[a + 1];
+      if (positive) {
+        dr[a] += er;
+        di[a] += ei;
+      } else {
+        dr[a] -= er;
+        di[a] -= ei;
       }
+      const V tr = pfr * rr[a] - pfi * ri[a];
+      pfi = pfr * ri[a] + pfi * rr[a];
+      pfr = tr;
     }
   }
   // close the open runs (column b's sign now: bit b-1 of the last Gray code); column 0's sign is always +1
-  const W scale = 1.0 / W(1u << (NR - 1));
+  const W scale = W(1) / W(1u << (NR - 1));
   for (int a = 0; a < NR; ++a) {
-#pragma omp simd
-    for (int l = 0; l < L; ++l) {
-      cr[a][0][l] = dr[a][l] * scale;
-      ci[a][0][l] = di[a][l] * scale;
-    }
+    cr[a][0] = dr[a] * scale;
+    ci[a][0] = di[a] * scale;
     for (int b = 1; b < NR; ++b) {
-      const W now = ((gray >> (b - 1)) & 1u) ? -1.0 : 1.0;
-#pragma omp simd
-      for (int l = 0; l < L; ++l) {
-        cr[a][b][l] = (run_r[a][b][l] + now * (dr[a][l] - cr[a][b][l])) * scale;
-        ci[a][b][l] = (run_i[a][b][l] + now * (di[a][l] - ci[a][b][l])) * scale;
-      }
+      const W now = ((gray >> (b - 1)) & 1u) ? W(-1) : W(1);
+      cr[a][b] = (run_r[a][b] + now * (dr[a] - cr[a][b])) * scale;
+      ci[a][b] = (run_i[a][b] + now * (di[a] - ci[a][b])) * scale;
     }
   }
 }
@@ -434,15 +409,8 @@ static void forward_impl(const c10::complex<T>* p, const c10::complex<T>* q, int
             if constexpr (std::is_same<W, T>::value) {
               glynn_permanent<NR, W>(re, re + imag, ld, t.cols, pr, pi);
             } else {
-              W* cre = converted.data();
-              W* cim = cre + NR * NR * L;
-              for (int a = 0; a < NR; ++a)
-                for (int b = 0; b < NR; ++b)
-                  for (int l = 0; l < L; ++l) {
-                    cre[(a * NR + b) * L + l] = W(re[a * ld + b * t.cols + l]);
-                    cim[(a * NR + b) * L + l] = W(re[imag + a * ld + b * t.cols + l]);
-                  }
-              glynn_permanent<NR, W>(cre, cim, NR * L, L, pr, pi);
+              convert_pairs<NR, L>(re, imag, ld, t.cols, converted.data());
+              glynn_permanent<NR, W>(converted.data(), converted.data() + NR * NR * L, NR * L, L, pr, pi);
             }
             const Vec<W> k = pr * pr + pi * pi;
             for (int l = 0; l < L; ++l) {
@@ -467,7 +435,8 @@ static void backward_impl(const c10::complex<T>* p, const c10::complex<T>* q, co
                           int64_t m, bool symmetric, c10::complex<double>* grad_p, c10::complex<double>* grad_q,
                           qrkd::Interrupt& interrupt) {
   using W = Walk<NR, T>;
-  constexpr int L = kCofactorLanes;
+  using V = Vec<W>;
+  constexpr int L = kVecLanes<W>;  // pairs per walk: one vector
   const Tiles t = tiles_for<T>(NR, m, M);
   const std::vector<T> right = pack_right(q, M, t);
   const int64_t row_tiles = (N + kTileRows - 1) / kTileRows, col_tiles = (M + t.cols - 1) / t.cols;
@@ -482,7 +451,8 @@ static void backward_impl(const c10::complex<T>* p, const c10::complex<T>* q, co
     std::vector<T> left(static_cast<size_t>(t.l_size())), prod(static_cast<size_t>(t.c_size()));
     std::vector<T> left_t(left.size()), w(static_cast<size_t>(2 * half * width)), wq(static_cast<size_t>(ld * width));
     std::vector<double> gp(static_cast<size_t>(2 * half * width));
-    W ar[NR][NR][L], ai[NR][NR][L], cr[NR][NR][L], ci[NR][NR][L];
+    std::vector<W> converted(std::is_same<W, T>::value ? 0 : 2 * NR * NR * L);  // A of the pairs, in W
+    V cr[NR][NR], ci[NR][NR];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t s = 0; s < row_tiles; ++s) {
       const int64_t i0 = s * kTileRows;
@@ -507,27 +477,43 @@ static void backward_impl(const c10::complex<T>* p, const c10::complex<T>* q, co
                   for (int l = 0; l < L; ++l) yr[a * ld + b * t.cols + l] = yi[a * ld + b * t.cols + l] = T(0);
               continue;
             }
-            gather_pairs<NR, T, W, L>(prod.data(), t, ii, jj, ar, ai);
-            glynn_cofactors<NR, W, L>(ar, ai, cr, ci);
-            W wr[L], wi[L];
+            const W* are;  // A: in place when the walk's type is the product's, else converted
+            int64_t sa, sb, imag;
+            if constexpr (std::is_same<W, T>::value) {
+              are = yr;
+              sa = ld;
+              sb = t.cols;
+              imag = half * ld;
+            } else {
+              convert_pairs<NR, L>(yr, half * ld, ld, t.cols, converted.data());
+              are = converted.data();
+              sa = NR * L;
+              sb = L;
+              imag = NR * NR * L;
+            }
+            glynn_cofactors<NR, W>(are, are + imag, sa, sb, cr, ci);
+            V sr = V{}, si = V{};  // Perm(A) by cofactor expansion along the first row
+            for (int b = 0; b < NR; ++b) {
+              const V a_r = *reinterpret_cast<const V*>(are + b * sb);
+              const V a_i = *reinterpret_cast<const V*>(are + imag + b * sb);
+              sr += a_r * cr[0][b] - a_i * ci[0][b];
+              si += a_r * ci[0][b] + a_i * cr[0][b];
+            }
+            V wr, wi;
             for (int l = 0; l < L; ++l) {
-              W sr = 0, si = 0;  // Perm(A) by cofactor expansion along the first row
-              for (int b = 0; b < NR; ++b) {
-                sr += ar[0][b][l] * cr[0][b][l] - ai[0][b][l] * ci[0][b][l];
-                si += ar[0][b][l] * ci[0][b][l] + ai[0][b][l] * cr[0][b][l];
-              }
               const int64_t j = j0 + l;
               const bool counted = j < M && !(symmetric && j < i);  // padding, or the other triangle: exactly 0
-              wr[l] = counted ? W(2.0 * g[i * M + j] * sr) : W(0);
-              wi[l] = counted ? W(2.0 * g[i * M + j] * si) : W(0);
+              wr[l] = counted ? W(2.0 * g[i * M + j] * sr[l]) : W(0);
+              wi[l] = counted ? W(2.0 * g[i * M + j] * si[l]) : W(0);
             }
             for (int a = 0; a < NR; ++a)
-              for (int b = 0; b < NR; ++b)
-#pragma omp simd
+              for (int b = 0; b < NR; ++b) {
+                const V y_re = wr * cr[a][b] + wi * ci[a][b], y_im = wi * cr[a][b] - wr * ci[a][b];
                 for (int l = 0; l < L; ++l) {
-                  yr[a * ld + b * t.cols + l] = T(wr[l] * cr[a][b][l] + wi[l] * ci[a][b][l]);
-                  yi[a * ld + b * t.cols + l] = T(wi[l] * cr[a][b][l] - wr[l] * ci[a][b][l]);
+                  yr[a * ld + b * t.cols + l] = T(y_re[l]);
+                  yi[a * ld + b * t.cols + l] = T(y_im[l]);
                 }
+              }
           }
         }
         // P role: W = Y R^T (2 TI n x 2m)
