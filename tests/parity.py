@@ -81,6 +81,10 @@ def check_parity(relation, impl, s64, t64, grad_output=1.0):
     assert err_v64 <= 1e-10 * abs(truth_loss.item()) + 1e-14, f"{relation} float64 value error {err_v64:.3g}"
     assert err_g64 <= 1e-8 * scale + 1e-14, f"{relation} float64 gradient error {err_g64:.3g} (max {scale:.3g})"
 
+    with torch.no_grad():  # the forward-only paths (no gradient wanted) must give the same loss
+        err_f64 = abs(fn(s64, t64).item() - truth_loss.item())
+    assert err_f64 <= 1e-10 * abs(truth_loss.item()) + 1e-14, f"{relation} float64 forward-only error {err_f64:.3g}"
+
     s32, t32 = s64.float(), t64.float()
     ref_loss32, ref_grad32 = value_and_grad(ref, s32, t32, grad_output)
     loss32, grad32 = value_and_grad(fn, s32, t32, grad_output)
@@ -91,6 +95,11 @@ def check_parity(relation, impl, s64, t64, grad_output=1.0):
     err_g32 = (grad32.double() - truth_grad).abs().max().item()
     assert err_v32 <= 2 * ref_err_v + 2e-5 * abs(truth_loss.item()) + 1e-12, (
         f"{relation} float32 value error {err_v32:.3g} (reference's own {ref_err_v:.3g})"
+    )
+    with torch.no_grad():
+        err_f32 = abs(fn(s32, t32).double().item() - truth_loss.item())
+    assert err_f32 <= 2 * ref_err_v + 2e-5 * abs(truth_loss.item()) + 1e-12, (
+        f"{relation} float32 forward-only error {err_f32:.3g} (reference's own {ref_err_v:.3g})"
     )
     assert err_g32 <= 2 * ref_err_g + 1e-5 * scale + 1e-6, (
         f"{relation} float32 gradient error {err_g32:.3g} (reference's own {ref_err_g:.3g}, max {scale:.3g})"
