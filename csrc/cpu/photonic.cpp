@@ -110,10 +110,6 @@ static std::vector<T> pack_right(const c10::complex<T>* q, int64_t M, const Tile
   return r;
 }
 
-// The products of a tile are too small for a BLAS call to pay off (MKL's sgemm ran them at about half its large-GEMM
-// rate here), so register-blocked kernels. C = L R: RB rows of L against a panel of two vectors of R's columns,
-// the RB x 2 vectors of C accumulating in registers over the depth, each panel vector loaded once per depth step and
-// each L entry broadcast once (at RB = 6: 8 loads for 12 multiply-adds, so the multiply-adds set the pace).
 template <typename T>
 struct VecOf;  // 32 bytes of T, loaded and stored unaligned (as immintrin.h's __m256_u)
 template <>
@@ -128,6 +124,11 @@ template <typename T>
 using Vec = typename VecOf<T>::type;
 template <typename T>
 constexpr int kVecLanes = 32 / int(sizeof(T));
+
+// The products of a tile are too small for a BLAS call to pay off (MKL's sgemm ran them at about half its large-GEMM
+// rate here), so register-blocked kernels. A B: RB rows of A against a panel of two vectors of B's columns, the
+// RB x 2 vectors of the result accumulating in registers over the depth, each panel vector loaded once per depth step
+// and each A entry broadcast once (at RB = 6: 8 loads for 12 multiply-adds, so the multiply-adds set the pace).
 constexpr int kRowBlock = 6;
 
 template <int RB, typename T>
@@ -194,7 +195,7 @@ static inline void dot_block(const T* a, const T* b, int64_t len, int64_t ldc, T
     }
 }
 
-// rows a multiple of 4
+// C (rows x k) = A B^T, rows a multiple of 4
 template <typename T>
 static void dot_product(const T* a, int64_t rows, int64_t len, const T* b, int64_t k, T* c) {
   for (int64_t x0 = 0; x0 < rows; x0 += 4) {
