@@ -233,6 +233,20 @@ struct GrayStep {
   }
 };
 
+// r_a = sum_b A_ab (the sign vector of all +1) of one vector of pairs, entry (a, b) of A at re / im + a sa + b sb
+template <int NR, typename W>
+static inline void full_row_sums(const W* re, const W* im, int64_t sa, int64_t sb, Vec<W> (&rr)[NR], Vec<W> (&ri)[NR]) {
+  using V = Vec<W>;
+  for (int a = 0; a < NR; ++a) {
+    rr[a] = *reinterpret_cast<const V*>(re + a * sa);
+    ri[a] = *reinterpret_cast<const V*>(im + a * sa);
+    for (int b = 1; b < NR; ++b) {
+      rr[a] += *reinterpret_cast<const V*>(re + a * sa + b * sb);
+      ri[a] += *reinterpret_cast<const V*>(im + a * sa + b * sb);
+    }
+  }
+}
+
 // Perm(A) of one vector of pairs, given 2A: entry (a, b) of theirs at re / im + a sa + b sb (the lanes contiguous).
 // The row sums live in registers (2 NR vectors); each step adds or subtracts the flipped column of 2A (no multiply:
 // the adders, not the multiply-add units, take it) and multiplies the row sums in a chain.
@@ -241,13 +255,8 @@ static inline void glynn_permanent(const W* re, const W* im, int64_t sa, int64_t
   using V = Vec<W>;
   auto entry = [sa, sb](const W* x, int a, int b) { return *reinterpret_cast<const V*>(x + a * sa + b * sb); };
   V rr[NR], ri[NR];
+  full_row_sums<NR, W>(re, im, sa, sb, rr, ri);
   for (int a = 0; a < NR; ++a) {
-    rr[a] = entry(re, a, 0);
-    ri[a] = entry(im, a, 0);
-    for (int b = 1; b < NR; ++b) {
-      rr[a] += entry(re, a, b);
-      ri[a] += entry(im, a, b);
-    }
     rr[a] *= W(0.5);
     ri[a] *= W(0.5);
   }
@@ -300,13 +309,8 @@ static inline void glynn_cofactors(const W* re, const W* im, int64_t sa, int64_t
   V dr[NR], di[NR];  // D_a: running sum of E_a over the sign vectors visited
   V run_r[NR][NR], run_i[NR][NR];  // sum of d_b E_a over the closed runs of column b
   // cr/ci[a][b] for b >= 1 hold, until the end, the D_a read at column b's last flip
+  full_row_sums<NR, W>(re, im, sa, sb, rr, ri);
   for (int a = 0; a < NR; ++a) {
-    rr[a] = entry(re, a, 0);
-    ri[a] = entry(im, a, 0);
-    for (int b = 1; b < NR; ++b) {
-      rr[a] += entry(re, a, b);
-      ri[a] += entry(im, a, b);
-    }
     dr[a] = di[a] = V{};
     for (int b = 0; b < NR; ++b) cr[a][b] = ci[a][b] = run_r[a][b] = run_i[a][b] = V{};
   }
