@@ -5,6 +5,7 @@ import math
 import torch
 
 from qrkd.backends import reference
+from qrkd.functional import common_columns
 from qrkd.relations import BY_NAME, TABLE
 
 # conventions of a relation besides its default: the extra arguments of its contract op
@@ -34,8 +35,7 @@ def loss_fn(module, relation):
 
     def loss(s, t):
         if relation in _EQUAL_WIDTHS:
-            width = min(s.shape[1], t.shape[1])
-            s, t = s[:, :width].contiguous(), t[:, :width].contiguous()
+            s, t = (x.contiguous() for x in common_columns(s, t))
         return getattr(module, op)(s, t, **kwargs)
 
     return loss

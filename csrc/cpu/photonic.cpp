@@ -205,17 +205,36 @@ static void dot_product(const T* a, int64_t rows, int64_t len, const T* b, int64
   }
 }
 
-// A of a vector of pairs, re / im at `src` and src + imag with entry (a, b) at a ld + b cols, converted to W in a
-// packed buffer (entry (a, b) at (a NR + b) L, the imaginary parts after the real ones): for the walks whose type is
-// not the product's.
+// Where a walk reads A of its vector of pairs: entry (a, b) at re / im + a sa + b sb, the lanes contiguous.
+template <typename W>
+struct PairView {
+  const W* re;
+  const W* im;
+  int64_t sa, sb;
+};
+
+// A of the vector of pairs at `src` in the product (real parts there, imaginary parts at src + imag; entry (a, b) at
+// a ld + b cols): read in place when the walk's type is the product's, else converted into `scratch` (2 NR NR L).
 template <int NR, int L, typename T, typename W>
-static inline void convert_pairs(const T* src, int64_t imag, int64_t ld, int64_t cols, W* dst) {
-  for (int a = 0; a < NR; ++a)
-    for (int b = 0; b < NR; ++b)
-      for (int l = 0; l < L; ++l) {
-        dst[(a * NR + b) * L + l] = W(src[a * ld + b * cols + l]);
-        dst[NR * NR * L + (a * NR + b) * L + l] = W(src[imag + a * ld + b * cols + l]);
-      }
+static inline PairView<W> pairs_for_walk(const T* src, int64_t imag, int64_t ld, int64_t cols, W* scratch) {
+  if constexpr (std::is_same<W, T>::value) {
+    return {src, src + imag, ld, cols};
+  } else {
+    W* re = scratch;
+    W* im = scratch + NR * NR * L;
+    for (int a = 0; a < NR; ++a)
+      for (int b = 0; b < NR; ++b)
+        for (int l = 0; l < L; ++l) {
+          re[(a * NR + b) * L + l] = W(src[a * ld + b * cols + l]);
+          im[(a * NR + b) * L + l] = W(src[imag + a * ld + b * cols + l]);
+        }
+    return {re, im, NR * L, L};
+  }
+}
+
+// Whether pair (i, j) is one of K's: inside the matrix and, when symmetric, on or above the diagonal.
+static inline bool pair_counted(int64_t i, int64_t j, int64_t M, bool symmetric) {
+  return j < M && !(symmetric && j < i);
 }
 
 // Step `step` (1 .. 2^(n-1) - 1) of the Gray-code order: the column it flips, twice its new sign (the row sums move
@@ -396,7 +415,7 @@ static void forward_impl(const c10::complex<T>* p, const c10::complex<T>* q, int
 #pragma omp parallel num_threads(threads)
   {
     std::vector<T> left(static_cast<size_t>(t.l_size())), prod(static_cast<size_t>(t.c_size()));
-    std::vector<W> converted(std::is_same<W, T>::value ? 0 : 2 * NR * NR * L);  // A of the pairs, in W
+    std::vector<W> converted(std::is_same<W, T>::value ? 0 : 2 * NR * NR * L);  // pairs_for_walk's scratch
 #pragma omp for schedule(dynamic, 1)
     for (int64_t s = 0; s < row_tiles; ++s) {
       const int64_t i0 = s * kTileRows;
@@ -409,19 +428,13 @@ static void forward_impl(const c10::complex<T>* p, const c10::complex<T>* q, int
           for (int64_t jj = 0; jj < t.cols; jj += L) {
             const int64_t j0 = ct * t.cols + jj;
             if (!block_needed(i, j0, L, N, M, symmetric)) continue;
-            const T* re = prod.data() + ii * NR * ld + jj;
+            const PairView<W> pairs =
+                pairs_for_walk<NR, L>(prod.data() + ii * NR * ld + jj, imag, ld, t.cols, converted.data());
             Vec<W> pr, pi;
-            if constexpr (std::is_same<W, T>::value) {
-              glynn_permanent<NR, W>(re, re + imag, ld, t.cols, pr, pi);
-            } else {
-              convert_pairs<NR, L>(re, imag, ld, t.cols, converted.data());
-              glynn_permanent<NR, W>(converted.data(), converted.data() + NR * NR * L, NR * L, L, pr, pi);
-            }
+            glynn_permanent<NR, W>(pairs.re, pairs.im, pairs.sa, pairs.sb, pr, pi);
             const Vec<W> k = pr * pr + pi * pi;
-            for (int l = 0; l < L; ++l) {
-              const int64_t j = j0 + l;
-              if (j < M && !(symmetric && j < i)) out[i * M + j] = T(k[l]);
-            }
+            for (int l = 0; l < L; ++l)
+              if (pair_counted(i, j0 + l, M, symmetric)) out[i * M + j0 + l] = T(k[l]);
           }
         }
       }
@@ -456,7 +469,7 @@ static void backward_impl(const c10::complex<T>* p, const c10::complex<T>* q, co
     std::vector<T> left(static_cast<size_t>(t.l_size())), prod(static_cast<size_t>(t.c_size()));
     std::vector<T> left_t(left.size()), w(static_cast<size_t>(2 * half * width)), wq(static_cast<size_t>(ld * width));
     std::vector<double> gp(static_cast<size_t>(2 * half * width));
-    std::vector<W> converted(std::is_same<W, T>::value ? 0 : 2 * NR * NR * L);  // A of the pairs, in W
+    std::vector<W> converted(std::is_same<W, T>::value ? 0 : 2 * NR * NR * L);  // pairs_for_walk's scratch
     V cr[NR][NR], ci[NR][NR];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t s = 0; s < row_tiles; ++s) {
@@ -482,32 +495,19 @@ static void backward_impl(const c10::complex<T>* p, const c10::complex<T>* q, co
                   for (int l = 0; l < L; ++l) yr[a * ld + b * t.cols + l] = yi[a * ld + b * t.cols + l] = T(0);
               continue;
             }
-            const W* are;  // A: in place when the walk's type is the product's, else converted
-            int64_t sa, sb, imag;
-            if constexpr (std::is_same<W, T>::value) {
-              are = yr;
-              sa = ld;
-              sb = t.cols;
-              imag = half * ld;
-            } else {
-              convert_pairs<NR, L>(yr, half * ld, ld, t.cols, converted.data());
-              are = converted.data();
-              sa = NR * L;
-              sb = L;
-              imag = NR * NR * L;
-            }
-            glynn_cofactors<NR, W>(are, are + imag, sa, sb, cr, ci);
+            const PairView<W> pairs = pairs_for_walk<NR, L>(yr, half * ld, ld, t.cols, converted.data());
+            glynn_cofactors<NR, W>(pairs.re, pairs.im, pairs.sa, pairs.sb, cr, ci);
             V sr = V{}, si = V{};  // Perm(A) by cofactor expansion along the first row
             for (int b = 0; b < NR; ++b) {
-              const V a_r = *reinterpret_cast<const V*>(are + b * sb);
-              const V a_i = *reinterpret_cast<const V*>(are + imag + b * sb);
+              const V a_r = *reinterpret_cast<const V*>(pairs.re + b * pairs.sb);
+              const V a_i = *reinterpret_cast<const V*>(pairs.im + b * pairs.sb);
               sr += a_r * cr[0][b] - a_i * ci[0][b];
               si += a_r * ci[0][b] + a_i * cr[0][b];
             }
             V wr, wi;
-            for (int l = 0; l < L; ++l) {
+            for (int l = 0; l < L; ++l) {  // padding, or the other triangle: exactly 0
               const int64_t j = j0 + l;
-              const bool counted = j < M && !(symmetric && j < i);  // padding, or the other triangle: exactly 0
+              const bool counted = pair_counted(i, j, M, symmetric);
               wr[l] = counted ? W(2.0 * g[i * M + j] * sr[l]) : W(0);
               wi[l] = counted ? W(2.0 * g[i * M + j] * si[l]) : W(0);
             }
