@@ -297,16 +297,19 @@ def test_work_model_counts():
     assert roofline.flops_per_unit("fidelity", "fwdbwd", 4, 31) == 4 * 4 + 8 + 4 * 4 + 4
     assert roofline.flops_per_unit("angle", "fwd", 4, 31) == 14
     assert roofline.flops_per_unit("angle", "fwdbwd", 4, 31) == 25
-    # photonic at the seed's circuit: per side 8 n^2 m = 2000, Ryser 31 x 36 = 1116, |perm|^2 3
-    assert roofline.photonic_side_flops(5, 10) == 3119
-    assert roofline.flops_per_unit("photonic", "fwd", 4, 4, modes=10, photons=5) == 2 * 3119 + 6
-    back = 24 * 25 * 10 + 31 * (25 + 100 - 6) + 6 * 25 + 2
-    assert roofline.flops_per_unit("photonic", "fwdbwd", 4, 4, modes=10, photons=5) == 2 * 3119 + 6 + back
+    # photonic at the seed's circuit: per side the product over the d = 4 varying columns 8 n^2 d = 800, the shared
+    # block of the other 6 added 2 n^2 = 50, Ryser 31 x 36 = 1116, |perm|^2 3
+    assert roofline.photonic_side_flops(5, 10, 4) == 1969
+    assert roofline.photonic_side_flops(5, 10, 10) == 2000 + 1116 + 3  # no shared column: no block to add
+    assert roofline.flops_per_unit("photonic", "fwd", 4, 4, modes=10, photons=5) == 2 * 1969 + 6
+    back = 24 * 25 * 4 + 50 + 31 * (25 + 100 - 6) + 6 * 25 + 2
+    assert back == 6291
+    assert roofline.flops_per_unit("photonic", "fwdbwd", 4, 4, modes=10, photons=5) == 2 * 1969 + 6 + back
     # the angle loss adds its pairwise part: squared distances of both sides (and dx = 2 H x in backward)
     assert roofline.work_flops("angle", "fwd", 3, 4, 31) == 9 * 14 + 3 * (2 * 35 + 2)
     assert roofline.work_flops("angle", "fwdbwd", 3, 4, 31) == 9 * 25 + 3 * (2 * 35 + 2 + 4 * 4 + 1)
     work = roofline.case_work(qb.make_case("photonic", "fwd", 4096, 4, 4).to_dict())
-    assert work["unit"] == "pairs" and work["flops_per_unit"] == 6244 and work["flops"] == 6244 * 4096 * 4095 / 2
+    assert work["unit"] == "pairs" and work["flops_per_unit"] == 3944 and work["flops"] == 3944 * 4096 * 4095 / 2
     with pytest.raises(ValueError, match="relation"):
         roofline.units("nope", 3)
     with pytest.raises(ValueError, match="mode"):
@@ -342,8 +345,8 @@ def test_roofline_in_the_markdown(tmp_path):
     qb.write_markdown(data, str(tmp_path / "r.md"))
     md = (tmp_path / "r.md").read_text()
     assert "float32 GEMM 200.0 GFLOP/s (torch.matmul, 2048^3" in md and "memory bandwidth 10.0 GB/s" in md
-    fraction = 6244 * 4096 * 4095 / 2 / 0.5 / 200e9
-    row = f"| photonic | N=4096 d=4 m=10 n=5 | forward | pairs | 6,244 | {100 * fraction:.3g}% · 16.8 M/s · 100 |"
+    fraction = 3944 * 4096 * 4095 / 2 / 0.5 / 200e9
+    row = f"| photonic | N=4096 d=4 m=10 n=5 | forward | pairs | 3,944 | {100 * fraction:.3g}% · 16.8 M/s · 100 |"
     assert row in md
     del data["roofline"]
     qb.write_markdown(data, str(tmp_path / "old.md"))  # a results file from before the roofline

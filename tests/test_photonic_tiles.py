@@ -1,7 +1,7 @@
 """The cpp photonic op's tiled path (csrc/cpu/photonic.cpp): a tile's n x n blocks come from one matrix product and
 the permanents are walked four pairs at a time, so sizes that end mid-tile or mid-block, the float32 products, one
 photon and the photon limit, and duplicate or zero rows are checked here against the naive permutation formula or
-a closed form."""
+a closed form, and so are inputs with columns shared by every matrix (computed once, not in the tile product)."""
 
 import math
 
@@ -98,3 +98,63 @@ def test_duplicate_and_zero_rows():
     assert relative_error(k, k_ref) < 1e-10 and relative_error(g, g_ref[0]) < 1e-8
     assert relative_error(k[7], k[2]) < 1e-13 and relative_error(k[11], k[2]) < 1e-13
     assert (k[4] == 0).all() and (g[4] == 0).all()
+
+
+def _with_shared_columns(P, columns, value):
+    """P with the given columns set, in every matrix, to value's (n x len(columns)): the structure of the photonic
+    circuit's m - d modes without a phase, whose block of A_ij the cpp op computes once."""
+    P = P.clone()
+    P[:, :, columns] = value
+    return P
+
+
+# the shared block alone (every column shared), the seed circuit's split (4 of 10 vary), one varying column, and a
+# column shared within P and within Q but with other values in each (so not shared between them)
+@pytest.mark.parametrize("shared, m, q_differs", [([0, 1, 2, 3, 4], 5, False), ([4, 5, 6, 7, 8, 9], 10, False),
+                                                  ([0, 2, 3, 5], 6, False), ([1, 4], 7, True)])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_shared_columns_match_naive_permanent(shared, m, q_differs, symmetric):
+    n, N, M = 4, 37, 29
+    value = make_matrices(1, n, len(shared), seed=50)[0]
+    P = _with_shared_columns(make_matrices(N, n, m, seed=51), shared, value)
+    Q = None
+    if not symmetric:
+        Q = _with_shared_columns(make_matrices(M, n, m, seed=52), shared, -value if q_differs else value)
+    weight = torch.randn(N, N if symmetric else M, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    k_ref, g_ref = matrix_grads(reference.photonic_fidelity, P, Q, weight)
+    k, g = matrix_grads(cpp, P, Q, weight)
+    assert relative_error(k, k_ref) < 1e-10
+    for a, b in zip(g, g_ref):
+        assert relative_error(a, b) < 1e-8
+    if len(shared) == m and not q_differs:  # every A_ij is the shared block: K is one value
+        assert relative_error(k, torch.full_like(k, k_ref[0, 0].item())) < 1e-12
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_shared_columns_float32_criterion(symmetric):
+    n, m, N, M = 5, 10, 70, 45
+    value = make_matrices(1, n, 6, seed=60)[0]
+    P64 = _with_shared_columns(make_matrices(N, n, m, seed=61), [4, 5, 6, 7, 8, 9], value)
+    Q64 = None if symmetric else _with_shared_columns(make_matrices(M, n, m, seed=62), [4, 5, 6, 7, 8, 9], value)
+    weight = torch.randn(N, N if symmetric else M, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    k64, g64 = matrix_grads(reference.photonic_fidelity, P64, Q64, weight)
+    to32 = (lambda x: None if x is None else x.to(torch.complex64))
+    k_r32, g_r32 = matrix_grads(reference.photonic_fidelity, to32(P64), to32(Q64), weight.float())
+    k32, g32 = matrix_grads(cpp, to32(P64), to32(Q64), weight.float())
+    assert (k32.double() - k64).abs().max() <= 2 * (k_r32.double() - k64).abs().max() + 2e-5 * k64.abs().max()
+    for a, r, b in zip(g32, g_r32, g64):
+        ref_err = (r.to(torch.complex128) - b).abs().max()
+        assert (a.to(torch.complex128) - b).abs().max() <= 2 * ref_err + 1e-5 * b.abs().max() + 1e-6
+
+
+@pytest.mark.parametrize("row", [0, 5])
+def test_a_nan_in_one_matrix_stays_in_its_pairs(row):
+    # a column shared by every matrix but one, whose entry there is NaN: K is NaN in that matrix's row and column
+    # only, and matches the naive formula elsewhere
+    P = _with_shared_columns(make_matrices(9, 3, 5, seed=70), [3, 4], make_matrices(1, 3, 2, seed=71)[0])
+    P[row, 1, 4] = complex("nan")
+    others = [i for i in range(9) if i != row]
+    k_ref = reference.photonic_fidelity(P[others], None)
+    for k in (cpp(P, None), cpp(P, P.clone())):
+        assert torch.isnan(k[row]).all() and torch.isnan(k[:, row]).all()
+        assert relative_error(k[others][:, others], k_ref) < 1e-10

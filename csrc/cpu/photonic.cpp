@@ -5,7 +5,9 @@
 // 1. All its n x n blocks A_ij = P_i Q_j^H are one real matrix product C = L R, real and imaginary parts apart:
 //    L = [[Re P, Im P], [Im P, -Re P]] (2 TI n x 2m, rows (i, a)),  R = [Re Q^T; Im Q^T] (2m x n TJ,
 //    columns (b, j)), so C[(i, a)][(b, j)] = Re A_ij[a][b] and C[TI n + (i, a)][(b, j)] = Im A_ij[a][b]: for fixed
-//    (i, a, b) consecutive j are contiguous, the structure-of-arrays layout the second stage reads.
+//    (i, a, b) consecutive j are contiguous, the structure-of-arrays layout the second stage reads. Columns that are
+//    the same in every matrix of P and Q add one constant block to every A_ij (Columns below): the product runs over
+//    the other columns only, started from that block.
 // 2. The permanents, many pairs (i, j..j+lanes-1) at a time, every operation a vector over the lanes. Glynn's
 //    formula with the sign vectors in Gray-code order (one column flipped per step, 2^(n-1) steps):
 //      Perm(A) = 2^-(n-1) sum_{d in {+-1}^n, d_0 = 1} (prod_b d_b) prod_a r_a(d),   r_a(d) = sum_b d_b A_ab,
@@ -33,6 +35,7 @@
 #include <cstdint>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace qrkd_photonic {
@@ -73,9 +76,49 @@ static Tiles tiles_for(int64_t n, int64_t m, int64_t M) {
   return {n, m, std::min(fit, (M + kColAlign - 1) / kColAlign * kColAlign)};
 }
 
+// The column order of L and R. A column whose entries are the same in every matrix of P and of Q (the m - d modes
+// of the seed's circuit, which carry no phase) adds the same n x n block to every A_ij: `shared`, the sum of
+// P_0[:, k] P_0[:, k]^H over those columns, computed once in double. L's columns and R's rows put the varying
+// columns first, [Re varying, Im varying, Re shared, Im shared], so a product over the first 2 `varying` of them,
+// started from the shared block, is A; the backward's gradient products still run over all 2m.
+struct Columns {
+  std::vector<int64_t> order;  // the input column at each position: the varying ones, then the shared ones
+  int64_t varying = 0;
+  std::vector<c10::complex<double>> shared;  // n x n, row-major; zero when no column is shared
+  int64_t m() const { return static_cast<int64_t>(order.size()); }
+  int64_t re(int64_t pos) const { return pos < varying ? pos : varying + pos; }  // where the real part goes
+  int64_t im(int64_t pos) const { return pos < varying ? varying + pos : m() + pos; }
+};
+
+template <typename T>
+static Columns split_columns(const c10::complex<T>* p, const c10::complex<T>* q, int64_t N, int64_t M, int64_t n,
+                             int64_t m) {
+  auto same_everywhere = [&](int64_t k) {
+    for (const auto& [x, rows] : {std::pair{p, N}, std::pair{q, M}})
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t a = 0; a < n; ++a) {
+          const c10::complex<T> v = x[(i * n + a) * m + k], first = p[a * m + k];
+          if (!(v.real() == first.real() && v.imag() == first.imag())) return false;  // NaN is never shared
+        }
+    return true;
+  };
+  Columns c;
+  std::vector<int64_t> shared;
+  for (int64_t k = 0; k < m; ++k) (same_everywhere(k) ? shared : c.order).push_back(k);
+  c.varying = static_cast<int64_t>(c.order.size());
+  c.order.insert(c.order.end(), shared.begin(), shared.end());
+  c.shared.assign(static_cast<size_t>(n * n), c10::complex<double>(0, 0));
+  for (int64_t k : shared)
+    for (int64_t a = 0; a < n; ++a)
+      for (int64_t b = 0; b < n; ++b)
+        c.shared[a * n + b] += c10::complex<double>(p[a * m + k]) * std::conj(c10::complex<double>(p[b * m + k]));
+  return c;
+}
+
 // L of the row tile starting at row i0 (zero rows past N), times `scale` (a power of two: exact).
 template <typename T>
-static void pack_left(const c10::complex<T>* p, int64_t N, int64_t i0, const Tiles& t, T* l, T scale = T(1)) {
+static void pack_left(const c10::complex<T>* p, int64_t N, int64_t i0, const Tiles& t, const Columns& cols, T* l,
+                      T scale = T(1)) {
   const int64_t n = t.n, m = t.m, half = kTileRows * n, width = 2 * m;
   std::fill(l, l + t.l_size(), T(0));
   for (int64_t ii = 0; ii < kTileRows && i0 + ii < N; ++ii)
@@ -83,31 +126,48 @@ static void pack_left(const c10::complex<T>* p, int64_t N, int64_t i0, const Til
       const c10::complex<T>* row = p + ((i0 + ii) * n + a) * m;
       T* top = l + (ii * n + a) * width;
       T* bottom = l + (half + ii * n + a) * width;
-      for (int64_t k = 0; k < m; ++k) {
-        top[k] = scale * row[k].real();
-        top[m + k] = scale * row[k].imag();
-        bottom[k] = scale * row[k].imag();
-        bottom[m + k] = -scale * row[k].real();
+      for (int64_t pos = 0; pos < m; ++pos) {
+        const c10::complex<T> v = row[cols.order[pos]];
+        top[cols.re(pos)] = scale * v.real();
+        top[cols.im(pos)] = scale * v.imag();
+        bottom[cols.re(pos)] = scale * v.imag();
+        bottom[cols.im(pos)] = -scale * v.real();
       }
     }
 }
 
 // R of every column tile of Q, one after another (zero columns past M).
 template <typename T>
-static std::vector<T> pack_right(const c10::complex<T>* q, int64_t M, const Tiles& t) {
+static std::vector<T> pack_right(const c10::complex<T>* q, int64_t M, const Tiles& t, const Columns& cols) {
   const int64_t n = t.n, m = t.m, tiles = (M + t.cols - 1) / t.cols, ld = t.ldc();
   std::vector<T> r(static_cast<size_t>(tiles * t.r_size()), T(0));
   for (int64_t j = 0; j < M; ++j) {
     T* tile = r.data() + (j / t.cols) * t.r_size();
     const int64_t jj = j % t.cols;
     for (int64_t b = 0; b < n; ++b)
-      for (int64_t k = 0; k < m; ++k) {
-        const c10::complex<T> v = q[(j * n + b) * m + k];
-        tile[k * ld + b * t.cols + jj] = v.real();
-        tile[(m + k) * ld + b * t.cols + jj] = v.imag();
+      for (int64_t pos = 0; pos < m; ++pos) {
+        const c10::complex<T> v = q[(j * n + b) * m + cols.order[pos]];
+        tile[cols.re(pos) * ld + b * t.cols + jj] = v.real();
+        tile[cols.im(pos) * ld + b * t.cols + jj] = v.imag();
       }
   }
   return r;
+}
+
+// What a tile's product starts from: the shared block times `scale`, entry (x, b) for product row x = (part, ii, a)
+// (part 0 the real parts, 1 the imaginary ones) and column block b; empty when no column is shared.
+template <typename T>
+static std::vector<T> product_start(const Columns& cols, int64_t n, T scale) {
+  if (cols.varying == cols.m()) return {};
+  std::vector<T> start(static_cast<size_t>(2 * kTileRows * n * n));
+  for (int64_t part = 0; part < 2; ++part)
+    for (int64_t ii = 0; ii < kTileRows; ++ii)
+      for (int64_t a = 0; a < n; ++a)
+        for (int64_t b = 0; b < n; ++b) {
+          const c10::complex<double> v = cols.shared[a * n + b];
+          start[((part * kTileRows + ii) * n + a) * n + b] = scale * T(part == 0 ? v.real() : v.imag());
+        }
+  return start;
 }
 
 template <typename T>
@@ -125,6 +185,37 @@ using Vec = typename VecOf<T>::type;
 template <typename T>
 constexpr int kVecLanes = 32 / int(sizeof(T));
 
+// The backward's gradient products over the shared columns. Their rows of R are the same for every j and their
+// columns of L the same for every i (up to zero padding, where Y is zero), so Y's sums over a tile's j (for dL/dP)
+// and over its i (for dL/dQ) take the place of full products: R's and L's entries there, at layout positions
+// 2 varying + e (e < 2 shared), are
+//   right[e][b]          = Re / Im P_0[b][k]       (R's row: Q_j[b][k] for every j)
+//   left[e][part n + a]  = L's column entry of row (part, any i, a)
+template <typename T>
+struct SharedTables {
+  std::vector<double> right;  // 2s x n
+  std::vector<T> left;        // 2s x 2n
+};
+
+template <typename T>
+static SharedTables<T> shared_tables(const c10::complex<T>* p, const Columns& cols, int64_t n) {
+  const int64_t shared = cols.m() - cols.varying;
+  SharedTables<T> tables{std::vector<double>(static_cast<size_t>(2 * shared * n)),
+                         std::vector<T>(static_cast<size_t>(2 * shared * 2 * n))};
+  for (int64_t e = 0; e < 2 * shared; ++e) {
+    const bool imag = e >= shared;  // [Re shared, Im shared]
+    const int64_t k = cols.order[cols.varying + e % shared];
+    for (int64_t a = 0; a < n; ++a) {
+      const c10::complex<T> v = p[a * cols.m() + k];
+      tables.right[e * n + a] = imag ? double(v.imag()) : double(v.real());
+      // L's row (top, a) is [Re p, Im p] and (bottom, a) [Im p, -Re p] at the Re / Im positions
+      tables.left[e * 2 * n + a] = imag ? v.imag() : v.real();
+      tables.left[e * 2 * n + n + a] = imag ? -v.real() : v.imag();
+    }
+  }
+  return tables;
+}
+
 // The products of a tile are too small for a BLAS call to pay off (MKL's sgemm ran them at about half its large-GEMM
 // rate here), so register-blocked kernels. A B: RB rows of A against a panel of two vectors of B's columns, the
 // RB x 2 vectors of the result accumulating in registers over the depth, each panel vector loaded once per depth step
@@ -132,15 +223,16 @@ constexpr int kVecLanes = 32 / int(sizeof(T));
 constexpr int kRowBlock = 6;
 
 template <int RB, typename T>
-static inline void tile_block(const T* l, const T* r, int64_t depth, int64_t cols, T* c) {
+static inline void tile_block(const T* l, int64_t lda, const T* r, int64_t depth, int64_t cols, T* c, const T* start,
+                              int64_t start_ld) {
   using V = Vec<T>;
   constexpr int W = kVecLanes<T>;
   V acc[RB][2];
-  for (int rr = 0; rr < RB; ++rr) acc[rr][0] = acc[rr][1] = V{};
+  for (int rr = 0; rr < RB; ++rr) acc[rr][0] = acc[rr][1] = V{} + (start ? start[rr * start_ld] : T(0));
   for (int64_t k = 0; k < depth; ++k) {
     const V p0 = *reinterpret_cast<const V*>(r + k * cols), p1 = *reinterpret_cast<const V*>(r + k * cols + W);
     for (int rr = 0; rr < RB; ++rr) {
-      const T lv = l[rr * depth + k];
+      const T lv = l[rr * lda + k];
       acc[rr][0] += lv * p0;
       acc[rr][1] += lv * p1;
     }
@@ -151,23 +243,32 @@ static inline void tile_block(const T* l, const T* r, int64_t depth, int64_t col
   }
 }
 
-// C (rows x cols) = A B for A row-major (rows x depth) and B row-major (depth x cols), rows even and cols a multiple of
-// two vectors.
+// C (rows x cols) = S + A B for A (rows x depth, rows lda apart) and B row-major (depth x cols), rows even and cols a
+// multiple of two vectors. S is zero, or constant along runs of `span` columns (a multiple of two vectors):
+// S[x][c] = start[x start_ld + c / span].
 template <typename T>
-static void block_product(const T* a, int64_t rows, int64_t depth, const T* b, int64_t cols, T* c) {
+static void block_product(const T* a, int64_t lda, int64_t rows, int64_t depth, const T* b, int64_t cols, T* c,
+                          const T* start = nullptr, int64_t start_ld = 0, int64_t span = 1) {
   constexpr int CB = 2 * kVecLanes<T>;
   for (int64_t c0 = 0; c0 < cols; c0 += CB) {
+    const T* s0 = start ? start + c0 / span : nullptr;
     int64_t r0 = 0;
     for (; r0 + kRowBlock <= rows; r0 += kRowBlock)
-      tile_block<kRowBlock>(a + r0 * depth, b + c0, depth, cols, c + r0 * cols + c0);
-    for (; r0 < rows; r0 += 2) tile_block<2>(a + r0 * depth, b + c0, depth, cols, c + r0 * cols + c0);
+      tile_block<kRowBlock>(a + r0 * lda, lda, b + c0, depth, cols, c + r0 * cols + c0,
+                            s0 ? s0 + r0 * start_ld : nullptr, start_ld);
+    for (; r0 < rows; r0 += 2)
+      tile_block<2>(a + r0 * lda, lda, b + c0, depth, cols, c + r0 * cols + c0, s0 ? s0 + r0 * start_ld : nullptr,
+                    start_ld);
   }
 }
 
-// C = L R of a tile (its columns n TJ are a multiple of 16, kColAlign)
+// A of a tile, real and imaginary parts apart: the product over the varying columns, started from the shared block
+// (`start`, from product_start; empty when none is shared). The columns n TJ are a multiple of 16, kColAlign.
 template <typename T>
-static void tile_product(const T* l, const T* r, const Tiles& t, T* c) {
-  block_product(l, 2 * kTileRows * t.n, 2 * t.m, r, t.ldc(), c);
+static void tile_product(const T* l, const T* r, const Tiles& t, const Columns& cols, const std::vector<T>& start,
+                         T* c) {
+  block_product(l, 2 * t.m, 2 * kTileRows * t.n, 2 * cols.varying, r, t.ldc(), c,
+                start.empty() ? nullptr : start.data(), t.n, t.cols);
 }
 
 // C (rows x k) = A B^T for A (rows x len) and B (k x len), both row-major: dot products along len (a multiple of one
@@ -203,6 +304,18 @@ static void dot_product(const T* a, int64_t rows, int64_t len, const T* b, int64
     for (; k0 + 3 <= k; k0 += 3) dot_block<4, 3>(a + x0 * len, b + k0 * len, len, k, c + x0 * k + k0);
     for (; k0 < k; ++k0) dot_block<4, 1>(a + x0 * len, b + k0 * len, len, k, c + x0 * k + k0);
   }
+}
+
+// The sum of len entries (a multiple of one vector), in double
+template <typename T>
+static inline double row_sum(const T* x, int64_t len) {
+  using V = Vec<T>;
+  constexpr int VL = kVecLanes<T>;
+  V acc = V{};
+  for (int64_t e = 0; e < len; e += VL) acc += *reinterpret_cast<const V*>(x + e);
+  double sum = 0;
+  for (int l = 0; l < VL; ++l) sum += double(acc[l]);
+  return sum;
 }
 
 // Where a walk reads A of its vector of pairs: entry (a, b) at re / im + a sa + b sb, the lanes contiguous.
@@ -408,7 +521,8 @@ static void forward_impl(const c10::complex<T>* p, const c10::complex<T>* q, int
   constexpr int L = kVecLanes<W>;  // pairs per walk: one vector
   const Tiles t = tiles_for<T>(NR, m, M);
   const int64_t ld = t.ldc(), imag = kTileRows * NR * ld;
-  const std::vector<T> right = pack_right(q, M, t);
+  const Columns cols = split_columns(p, q, N, M, NR, m);
+  const std::vector<T> right = pack_right(q, M, t, cols), start = product_start(cols, NR, T(2));
   const int64_t row_tiles = (N + kTileRows - 1) / kTileRows, col_tiles = (M + t.cols - 1) / t.cols;
   const double pairs = double(N) * double(M) * (symmetric ? 0.5 : 1.0);
   const int threads = threads_for(pairs * (NR * NR * m + (1 << (NR - 1)) * NR));
@@ -419,10 +533,10 @@ static void forward_impl(const c10::complex<T>* p, const c10::complex<T>* q, int
 #pragma omp for schedule(dynamic, 1)
     for (int64_t s = 0; s < row_tiles; ++s) {
       const int64_t i0 = s * kTileRows;
-      pack_left(p, N, i0, t, left.data(), T(2));  // the walk takes 2A
+      pack_left(p, N, i0, t, cols, left.data(), T(2));  // the walk takes 2A
       for (int64_t ct = symmetric ? i0 / t.cols : 0; ct < col_tiles; ++ct) {
         if (interrupt.check(qrkd::thread_id() == 0)) break;
-        tile_product(left.data(), right.data() + ct * t.r_size(), t, prod.data());
+        tile_product(left.data(), right.data() + ct * t.r_size(), t, cols, start, prod.data());
         for (int64_t ii = 0; ii < kTileRows; ++ii) {
           const int64_t i = i0 + ii;
           for (int64_t jj = 0; jj < t.cols; jj += L) {
@@ -445,43 +559,49 @@ static void forward_impl(const c10::complex<T>* p, const c10::complex<T>* q, int
 // Backward: for a real loss L = sum_ij G_ij K_ij and torch's convention for complex gradients
 // (dL/dz = dL/dRe z + i dL/dIm z), with A = P_i Q_j^H and Y = 2 G_ij Perm(A) conj(C):
 //   dL/dP_i += Y Q_j,   dL/dQ_j += Y^H P_i.
-// symmetric: Q is P, G is already G + G^T (its diagonal G_ii), only the pairs j >= i are visited and both roles land
-// in dL/dP. The P role of a row tile is summed by the thread that owns it; the Q role goes to a per-thread buffer
-// (M x n x 2m, double) summed at the end.
+// symmetric: Q is P, only the pairs j >= i are visited, each weighing G_ij + G_ji (the diagonal G_ii), and both roles
+// land in dL/dP. The P role of a row tile is summed by the thread that owns it; the Q role goes to a per-thread buffer
+// (2m x n x M padded to whole column tiles, double: the layout of a tile's L^T Y, so that adding it is contiguous)
+// summed at the end.
 template <int NR, typename T>
-static void backward_impl(const c10::complex<T>* p, const c10::complex<T>* q, const double* g, int64_t N, int64_t M,
+static void backward_impl(const c10::complex<T>* p, const c10::complex<T>* q, const T* g, int64_t N, int64_t M,
                           int64_t m, bool symmetric, c10::complex<double>* grad_p, c10::complex<double>* grad_q,
                           qrkd::Interrupt& interrupt) {
   using W = Walk<NR, T>;
   using V = Vec<W>;
   constexpr int L = kVecLanes<W>;  // pairs per walk: one vector
   const Tiles t = tiles_for<T>(NR, m, M);
-  const std::vector<T> right = pack_right(q, M, t);
+  const Columns cols = split_columns(p, q, N, M, NR, m);
+  const std::vector<T> right = pack_right(q, M, t, cols), start = product_start(cols, NR, T(1));
+  const SharedTables<T> shared = shared_tables(p, cols, NR);
+  const int64_t vary = 2 * cols.varying;  // L's columns and R's rows of the varying columns: the first 2 varying
   const int64_t row_tiles = (N + kTileRows - 1) / kTileRows, col_tiles = (M + t.cols - 1) / t.cols;
   const int64_t width = 2 * m, half = kTileRows * NR, ld = t.ldc();
   const double pairs = double(N) * double(M) * (symmetric ? 0.5 : 1.0);
   const int threads = threads_for(pairs * (3 * NR * NR * m + (1 << (NR - 1)) * NR * 5));
   std::vector<std::vector<double>> q_role(static_cast<size_t>(threads));
+  const int64_t padded = col_tiles * t.cols;  // the Q role's columns j
 #pragma omp parallel num_threads(threads)
   {
     std::vector<double>& gq = q_role[static_cast<size_t>(qrkd::thread_id())];
-    gq.assign(static_cast<size_t>(M * NR * width), 0.0);
+    gq.assign(static_cast<size_t>(width * NR * padded), 0.0);
     std::vector<T> left(static_cast<size_t>(t.l_size())), prod(static_cast<size_t>(t.c_size()));
-    std::vector<T> left_t(left.size()), w(static_cast<size_t>(2 * half * width)), wq(static_cast<size_t>(ld * width));
+    std::vector<T> left_t(left.size()), w(static_cast<size_t>(2 * half * vary)), wq(static_cast<size_t>(ld * width));
+    std::vector<T> y_over_i(static_cast<size_t>(2 * NR * ld));  // Y summed over the tile's i, rows (part, a)
     std::vector<double> gp(static_cast<size_t>(2 * half * width));
     std::vector<W> converted(std::is_same<W, T>::value ? 0 : 2 * NR * NR * L);  // pairs_for_walk's scratch
     V cr[NR][NR], ci[NR][NR];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t s = 0; s < row_tiles; ++s) {
       const int64_t i0 = s * kTileRows;
-      pack_left(p, N, i0, t, left.data());
+      pack_left(p, N, i0, t, cols, left.data());
       for (int64_t x = 0; x < 2 * half; ++x)
         for (int64_t k = 0; k < width; ++k) left_t[k * 2 * half + x] = left[x * width + k];
       std::fill(gp.begin(), gp.end(), 0.0);
       for (int64_t ct = symmetric ? i0 / t.cols : 0; ct < col_tiles; ++ct) {
         if (interrupt.check(qrkd::thread_id() == 0)) break;
         const T* r = right.data() + ct * t.r_size();
-        tile_product(left.data(), r, t, prod.data());
+        tile_product(left.data(), r, t, cols, start, prod.data());
         // Y over the product, in place; zero where no pair is to be counted
         for (int64_t ii = 0; ii < kTileRows; ++ii) {
           const int64_t i = i0 + ii;
@@ -507,32 +627,59 @@ static void backward_impl(const c10::complex<T>* p, const c10::complex<T>* q, co
             V wr, wi;
             for (int l = 0; l < L; ++l) {  // padding, or the other triangle: exactly 0
               const int64_t j = j0 + l;
-              const bool counted = pair_counted(i, j, M, symmetric);
-              wr[l] = counted ? W(2.0 * g[i * M + j] * sr[l]) : W(0);
-              wi[l] = counted ? W(2.0 * g[i * M + j] * si[l]) : W(0);
+              const double weight = !pair_counted(i, j, M, symmetric) ? 0.0
+                                    : symmetric && j != i         ? double(g[i * M + j]) + double(g[j * M + i])
+                                                                  : double(g[i * M + j]);
+              wr[l] = W(2.0 * weight * sr[l]);
+              wi[l] = W(2.0 * weight * si[l]);
             }
             for (int a = 0; a < NR; ++a)
               for (int b = 0; b < NR; ++b) {
                 const V y_re = wr * cr[a][b] + wi * ci[a][b], y_im = wi * cr[a][b] - wr * ci[a][b];
-                for (int l = 0; l < L; ++l) {
-                  yr[a * ld + b * t.cols + l] = T(y_re[l]);
-                  yi[a * ld + b * t.cols + l] = T(y_im[l]);
+                T* dst_re = yr + a * ld + b * t.cols;
+                T* dst_im = yi + a * ld + b * t.cols;
+                if constexpr (std::is_same<W, T>::value) {
+                  *reinterpret_cast<V*>(dst_re) = y_re;
+                  *reinterpret_cast<V*>(dst_im) = y_im;
+                } else {
+                  for (int l = 0; l < L; ++l) {
+                    dst_re[l] = T(y_re[l]);
+                    dst_im[l] = T(y_im[l]);
+                  }
                 }
               }
           }
         }
-        // P role: W = Y R^T (2 TI n x 2m)
-        dot_product(prod.data(), 2 * half, ld, r, width, w.data());
-        for (int64_t x = 0; x < 2 * half * width; ++x) gp[x] += double(w[x]);
-        // Q role: (Y^T L)^T = L^T Y (2m x n TJ)
-        block_product(left_t.data(), width, 2 * half, prod.data(), ld, wq.data());
-        for (int64_t jj = 0; jj < t.cols; ++jj) {
-          const int64_t j = ct * t.cols + jj;
-          if (j >= M) break;
-          for (int b = 0; b < NR; ++b) {
-            double* dst = gq.data() + (j * NR + b) * width;
-            for (int64_t k = 0; k < width; ++k) dst[k] += double(wq[k * ld + b * t.cols + jj]);
+        // P role: W = Y R^T (2 TI n x 2m); the shared columns from Y's sums over j
+        dot_product(prod.data(), 2 * half, ld, r, vary, w.data());
+        for (int64_t x = 0; x < 2 * half; ++x) {
+          for (int64_t e = 0; e < vary; ++e) gp[x * width + e] += double(w[x * vary + e]);
+          if (vary == width) continue;
+          double y_over_j[NR];
+          for (int b = 0; b < NR; ++b) y_over_j[b] = row_sum(prod.data() + x * ld + b * t.cols, t.cols);
+          for (int64_t e = 0; e < width - vary; ++e) {
+            double sum = 0;
+            for (int b = 0; b < NR; ++b) sum += y_over_j[b] * shared.right[e * NR + b];
+            gp[x * width + vary + e] += sum;
           }
+        }
+        // Q role: (Y^T L)^T = L^T Y (2m x n TJ); the shared columns from Y's sums over i
+        block_product(left_t.data(), 2 * half, vary, 2 * half, prod.data(), ld, wq.data());
+        if (vary < width) {
+          std::fill(y_over_i.begin(), y_over_i.end(), T(0));
+          for (int64_t part = 0; part < 2; ++part)
+            for (int64_t ii = 0; ii < kTileRows; ++ii)
+              for (int a = 0; a < NR; ++a) {
+                const T* src = prod.data() + ((part * kTileRows + ii) * NR + a) * ld;
+                T* dst = y_over_i.data() + (part * NR + a) * ld;
+                for (int64_t c = 0; c < ld; ++c) dst[c] += src[c];
+              }
+          block_product(shared.left.data(), 2 * NR, width - vary, 2 * NR, y_over_i.data(), ld, wq.data() + vary * ld);
+        }
+        for (int64_t row = 0; row < width * NR; ++row) {  // row (k, b) of L^T Y; zero past M
+          double* dst = gq.data() + row * padded + ct * t.cols;
+          const T* src = wq.data() + row * t.cols;
+          for (int64_t jj = 0; jj < t.cols; ++jj) dst[jj] += double(src[jj]);
         }
       }
       // dL/dP_i[a][k] = (Re Y Re Q - Im Y Im Q) + i (Re Y Im Q + Im Y Re Q), from W's four quarters
@@ -541,7 +688,8 @@ static void backward_impl(const c10::complex<T>* p, const c10::complex<T>* q, co
           const double* top = gp.data() + (ii * NR + a) * width;
           const double* bottom = gp.data() + (half + ii * NR + a) * width;
           c10::complex<double>* dst = grad_p + ((i0 + ii) * NR + a) * m;
-          for (int64_t k = 0; k < m; ++k) dst[k] = {top[k] - bottom[m + k], top[m + k] + bottom[k]};
+          for (int64_t pos = 0; pos < m; ++pos)
+            dst[cols.order[pos]] = {top[cols.re(pos)] - bottom[cols.im(pos)], top[cols.im(pos)] + bottom[cols.re(pos)]};
         }
     }
   }
@@ -549,9 +697,12 @@ static void backward_impl(const c10::complex<T>* p, const c10::complex<T>* q, co
   c10::complex<double>* dq = symmetric ? grad_p : grad_q;
   for (const std::vector<double>& part : q_role) {
     if (part.empty()) continue;
-    for (int64_t row = 0; row < M * NR; ++row)
-      for (int64_t k = 0; k < m; ++k)
-        dq[row * m + k] += c10::complex<double>(part[row * width + k], part[row * width + m + k]);
+    for (int64_t pos = 0; pos < m; ++pos)
+      for (int b = 0; b < NR; ++b) {
+        const double* re = part.data() + (cols.re(pos) * NR + b) * padded;
+        const double* im = part.data() + (cols.im(pos) * NR + b) * padded;
+        for (int64_t j = 0; j < M; ++j) dq[(j * NR + b) * m + cols.order[pos]] += c10::complex<double>(re[j], im[j]);
+      }
   }
 }
 
@@ -578,7 +729,7 @@ static void backward_dispatch(const at::Tensor& p, const at::Tensor& q, const at
   auto* gp = grad_p.data_ptr<c10::complex<double>>();
   auto* gq = symmetric ? nullptr : grad_q.data_ptr<c10::complex<double>>();
   if (p.scalar_type() == at::kComplexFloat)
-    backward_impl<NR, float>(p.data_ptr<c10::complex<float>>(), q.data_ptr<c10::complex<float>>(), g.data_ptr<double>(),
+    backward_impl<NR, float>(p.data_ptr<c10::complex<float>>(), q.data_ptr<c10::complex<float>>(), g.data_ptr<float>(),
                              N, M, m, symmetric, gp, gq, interrupt);
   else
     backward_impl<NR, double>(p.data_ptr<c10::complex<double>>(), q.data_ptr<c10::complex<double>>(),
@@ -617,11 +768,7 @@ std::tuple<at::Tensor, at::Tensor> photonic_fidelity_backward_cpu(const at::Tens
   qrkd::check_photonic_grad(grad, P, Q);
   const int64_t N = P.size(0), M = Q.size(0), n = P.size(1), m = P.size(2);
   const at::Tensor p = working(P), q = working(Q);
-  at::Tensor g = grad.to(at::kDouble).contiguous();
-  if (symmetric) {  // G + G^T, on a copy (the diagonal stays G_ii: its pair counts in both roles)
-    g = g.clone();
-    qrkd::symmetrise_sum(g.data_ptr<double>(), N);
-  }
+  const at::Tensor g = grad.to(c10::toRealValueType(p.scalar_type())).contiguous();  // K's dtype, as autograd hands it
   at::Tensor grad_p = at::zeros({N, n, m}, P.options().dtype(at::kComplexDouble));
   at::Tensor grad_q = at::zeros({symmetric ? 0 : M, n, m}, grad_p.options());
   if (N > 0 && M > 0) {

@@ -27,16 +27,19 @@ gets no gradient).
                        2 (Ds + Dt) + 2 (the dot product, the norms' sum, the square root).
               backward 11 per triplet: smooth_l1'(u) (2), g r (1), g A (1), dq_ab and dq_ac (3 each: a multiply by
                        1/q and two adds), dq_bc (1); plus per pair dx = 2 (H x) (4 Ds) and the row sum (1).
-    photonic  forward  per pair and side, n photons in m modes: the n x n product P_i P_j^H (n^2 m complex
-                       multiply-adds: 8 n^2 m), Ryser's permanent over the 2^n - 1 non-empty column subsets in
-                       Gray-code order, each step updating the n row sums (2n), multiplying them (n - 1 complex
-                       products: 6 (n - 1)) and adding the signed product (2): (2^n - 1) (8n - 4); then |perm|^2 (3).
-                       Two sides, and the tail (6). At the seed's d = 4, m = 10, n = 5: 2 x 3,119 + 6 = 6,244.
-              backward per pair, student side: recomputing the product (8 n^2 m), the cofactor walk ((2^n - 1) steps of
-                       the row update (2n), suffix products (6 (n - 1)), prefix times suffix and the prefix update per
-                       row (12 n) and the cofactor sums of the subset's columns (2 per member, n^2 / 2 on average over
-                       the rows: n^2)), Y = w conj(C) (6 n^2) and the two gradient products Y Q_j and Y^H P_i
-                       (2 x 8 n^2 m): 24 n^2 m + (2^n - 1)(n^2 + 20 n - 6) + 6 n^2 + 2 (smooth_l1'(u)).
+    photonic  forward  per pair and side, n photons in m modes of which d carry the features' phases: the n x n
+                       product P_i P_j^H over the d varying columns (n^2 d complex multiply-adds: 8 n^2 d) plus, when
+                       d < m, the block of the m - d columns every P_i shares (the same for every pair: added, 2 n^2),
+                       Ryser's permanent over the 2^n - 1 non-empty column subsets in Gray-code order, each step
+                       updating the n row sums (2n), multiplying them (n - 1 complex products: 6 (n - 1)) and adding
+                       the signed product (2): (2^n - 1) (8n - 4); then |perm|^2 (3). Two sides, and the tail (6).
+                       At the seed's d = 4, m = 10, n = 5: 2 x 1,969 + 6 = 3,944.
+              backward per pair, student side: recomputing the product (8 n^2 d + 2 n^2), the cofactor walk
+                       ((2^n - 1) steps of the row update (2n), suffix products (6 (n - 1)), prefix times suffix and the
+                       prefix update per row (12 n) and the cofactor sums of the subset's columns (2 per member, n^2 / 2
+                       on average over the rows: n^2)), Y = w conj(C) (6 n^2) and the two gradient products Y Q_j and
+                       Y^H P_i over the varying columns (2 x 8 n^2 d; the features reach only those):
+                       24 n^2 d + 2 n^2 + (2^n - 1)(n^2 + 20 n - 6) + 6 n^2 + 2 (smooth_l1'(u)); 6,291 at the seed's.
 
 The fraction of the GEMM rate is (work / time) / (measured GEMM flops per second), and "equivalent GEMM GFLOP" is
 time x measured GEMM GFLOP/s: the size of the float32 GEMM the machine would finish in the kernel's time.
@@ -67,14 +70,21 @@ def ryser_flops(photons: int) -> int:
     return ((1 << photons) - 1) * (8 * photons - 4)
 
 
-def photonic_side_flops(photons: int, modes: int) -> int:
-    """One K_ij = |Perm(P_i P_j^H)|^2: the product, the permanent, the squared modulus."""
-    return 8 * photons * photons * modes + ryser_flops(photons) + 3
+def _shared_block_flops(photons: int, modes: int, varying: int) -> int:
+    return 2 * photons * photons if varying < modes else 0
 
 
-def photonic_backward_flops(photons: int, modes: int) -> int:
-    n, m = photons, modes
-    return 24 * n * n * m + ((1 << n) - 1) * (n * n + 20 * n - 6) + 6 * n * n + 2
+def photonic_side_flops(photons: int, modes: int, varying: int) -> int:
+    """One K_ij = |Perm(P_i P_j^H)|^2, `varying` of the m columns of P_i carrying the features: the product over
+    them and the shared block, the permanent, the squared modulus."""
+    n = photons
+    return 8 * n * n * varying + _shared_block_flops(n, modes, varying) + ryser_flops(n) + 3
+
+
+def photonic_backward_flops(photons: int, modes: int, varying: int) -> int:
+    n = photons
+    return (24 * n * n * varying + _shared_block_flops(n, modes, varying) + ((1 << n) - 1) * (n * n + 20 * n - 6)
+            + 6 * n * n + 2)
 
 
 def flops_per_unit(relation: str, mode: str, ds: int, dt: int, modes: int = 0, photons: int = 0) -> float:
@@ -93,8 +103,9 @@ def flops_per_unit(relation: str, mode: str, ds: int, dt: int, modes: int = 0, p
     if relation == "photonic":
         if photons < 1 or modes < 1:
             raise ValueError(f"the photonic work model needs modes >= 1 and photons >= 1, got {modes}, {photons}")
-        return 2 * photonic_side_flops(photons, modes) + TAIL + (photonic_backward_flops(photons, modes) if backward
-                                                                 else 0)
+        varying = min(ds, modes)  # the circuit's d phase-carrying modes
+        return (2 * photonic_side_flops(photons, modes, varying) + TAIL
+                + (photonic_backward_flops(photons, modes, varying) if backward else 0))
     raise ValueError(f"relation must be one of {tuple(UNITS)}, got {relation!r}")
 
 
