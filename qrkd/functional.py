@@ -163,6 +163,21 @@ def common_columns(student, teacher):
     return student[:, :width], teacher[:, :width]
 
 
+_TAIL_CHUNK = 1 << 20  # elements: 4 MiB float32 temporaries, which glibc reuses instead of mapping fresh pages
+
+
+def _smooth_l1_mean_no_grad(a, b):
+    """F.smooth_l1_loss(a, b) (mean, beta 1) of two same-shape CPU tensors, without autograd, in chunks: at N = 4096 one
+    N x N temporary of 64 MiB is faulted in afresh on every call (57 ms against 13 ms in chunks, 2 threads). The chunks'
+    sums are added in float64."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    total = torch.zeros((), dtype=torch.float64)
+    for start in range(0, a.numel(), _TAIL_CHUNK):
+        stop = start + _TAIL_CHUNK
+        total += F.huber_loss(a[start:stop], b[start:stop], reduction="sum", delta=1.0).double()
+    return (total / a.numel()).to(a.dtype)
+
+
 def fidelity_kernel_loss(student, teacher, *, kernel="simple", backend: str = "auto"):
     """smooth_l1(K(student) - K(teacher)) over the N^2 kernel entries. When the widths differ, both sides are cut to
     their first min(Ds, Dt) columns first (common_columns)."""
@@ -170,7 +185,10 @@ def fidelity_kernel_loss(student, teacher, *, kernel="simple", backend: str = "a
     if _is_photonic(kernel):
         with torch.no_grad():
             k_t = kernel(teacher, backend=backend)
-        return F.smooth_l1_loss(kernel(student, backend=backend), k_t)
+        k_s = kernel(student, backend=backend)
+        if torch.is_grad_enabled() or k_s.device.type != "cpu":
+            return F.smooth_l1_loss(k_s, k_t)
+        return _smooth_l1_mean_no_grad(k_s, k_t)
     _check_kernel_name(kernel)
     impl = backends.resolve(backend, "fidelity_kernel_loss", student)
     return impl.fidelity_kernel_loss(student.contiguous(), teacher.contiguous())

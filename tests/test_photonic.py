@@ -361,3 +361,21 @@ def test_cuda_module_matches_cpu():
     K = k(x)
     K_gpu = k.cuda()(x.cuda())
     assert (K_gpu.cpu() - K).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_photonic_loss_without_grad_is_the_same_mean(dtype):
+    # under no_grad the loss's smooth_l1 over the N x N entries runs in chunks of 2^20 (N = 1100: two chunks, the
+    # second partial); it must be the value autograd's path gives
+    from qrkd.functional import _smooth_l1_mean_no_grad
+
+    g = torch.Generator().manual_seed(9)
+    a, b = torch.randn(1100, 1100, generator=g, dtype=dtype), torch.randn(1100, 1100, generator=g, dtype=dtype)
+    got, want = _smooth_l1_mean_no_grad(a, b), torch.nn.functional.smooth_l1_loss(a, b)
+    assert got.dtype == dtype and abs(got.item() - want.item()) <= (1e-6 if dtype == torch.float32 else 1e-13) * want
+    kernel = qrkd.PhotonicFidelityKernel(3, 5, n_photons=2, seed=1, dtype=dtype)
+    s, t = torch.randn(40, 3, generator=g, dtype=dtype), torch.randn(40, 3, generator=g, dtype=dtype)
+    with_grad = qrkd.fidelity_kernel_loss(s, t, kernel=kernel, backend="torch")
+    with torch.no_grad():
+        without = qrkd.fidelity_kernel_loss(s, t, kernel=kernel, backend="torch")
+    assert abs(without.item() - with_grad.item()) <= (1e-6 if dtype == torch.float32 else 1e-13) * with_grad.item()
