@@ -411,6 +411,21 @@ def test_repeated_processes_give_the_median_of_their_medians():
     assert combine_processes([skipped])["status"] == "skipped"
 
 
+def test_repeats_counter_ends_at_its_total_when_an_impl_fails(tmp_path, capsys):
+    # the reference angle loss at N=512 needs N^3 floats (512 MiB) against a 256 MiB limit: it fails in the first
+    # round and is not run again, so the progress counter's total drops by the rounds it skips
+    argv = ["--relations", "angle", "--modes", "fwd", "--n", "512", "--d", "4", "--no-named", "--impls",
+            "reference,torch", "--repeats", "2", "--mem-limit-gb", "0.25", "--no-roofline", "--no-plots", "--out",
+            str(tmp_path), "--machine", "testbox"]
+    assert qb.main(argv) == 0
+    counters = [line[1:].split()[0] for line in capsys.readouterr().out.splitlines()
+                if line.startswith("[")]
+    assert counters[-1] == "3/3", counters
+    (name,) = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
+    with open(tmp_path / name) as f:
+        assert _result(json.load(f), "angle", "reference")["status"] == "oom"
+
+
 def test_repeats_run_each_impl_in_several_processes_in_turns(tmp_path, capsys):
     argv = ["--relations", "distance", "--modes", "fwd", "--n", "32", "--d", "4", "--no-named", "--impls",
             "reference,torch", "--repeats", "3", "--no-roofline", "--no-plots", "--out", str(tmp_path),

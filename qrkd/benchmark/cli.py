@@ -284,6 +284,8 @@ def main(argv=None) -> int:
                         run_settings = dict(settings, budget_s=0.75 * case_timeout + extra)
                         rec = dict(base, **runner.run(case, impl, run_settings, case_timeout + extra))
                     runs[impl].append(rec)
+                    if rec["status"] != "ok":
+                        total -= args.repeats - 1 - round_  # the rounds it will not run are no longer counted
                     _progress(done, total, t_start, case, rec)
             records = []
             for impl in impls:
