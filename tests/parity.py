@@ -168,3 +168,19 @@ def matrix_grads(fn, P, Q, weight):
     K = fn(P, Q)
     inputs = (P,) if Q is None else (P, Q)
     return K.detach(), torch.autograd.grad((K * weight).sum(), inputs)
+
+
+def check_photonic_float32(fn, P64, Q64, weight):
+    """The float32 criterion of DESIGN.md section 6 for a photonic op fn(P, Q) (Q None: symmetric): on the complex64
+    casts of P64, Q64 its K and gradients are within twice the float32 reference's own error of the float64 truth,
+    plus a floor."""
+    k64, g64 = matrix_grads(reference.photonic_fidelity, P64, Q64, weight)
+    to32 = (lambda x: None if x is None else x.to(torch.complex64))
+    k_r32, g_r32 = matrix_grads(reference.photonic_fidelity, to32(P64), to32(Q64), weight.float())
+    k32, g32 = matrix_grads(fn, to32(P64), to32(Q64), weight.float())
+    assert k32.dtype == torch.float32
+    ref_err = (k_r32.double() - k64).abs().max()
+    assert (k32.double() - k64).abs().max() <= 2 * ref_err + 2e-5 * k64.abs().max()
+    for a, r, b in zip(g32, g_r32, g64):
+        ref_err = (r.to(torch.complex128) - b).abs().max()
+        assert (a.to(torch.complex128) - b).abs().max() <= 2 * ref_err + 1e-5 * b.abs().max() + 1e-6

@@ -18,6 +18,7 @@ from parity import (
     check_angle_shares_add_up,
     check_coincident_points_send_no_angle_gradient,
     check_identical_rows,
+    check_photonic_float32,
     check_parity,
     contract_op,
     loss_fn,
@@ -217,17 +218,7 @@ def test_photonic_float64_matches_naive_permanent(backend, relation, case):
 def test_photonic_float32_criterion(backend, relation, n):
     N, M, m = 17, 5, 7
     P64, Q64 = make_matrices(N, n, m, seed=3), make_matrices(M, n, m, seed=4)
-    weight = torch.randn(N, M, dtype=torch.float64)
-    k64, g64 = matrix_grads(reference.photonic_fidelity, P64, Q64, weight)
-    P32, Q32 = P64.to(torch.complex64), Q64.to(torch.complex64)
-    k_r32, g_r32 = matrix_grads(reference.photonic_fidelity, P32, Q32, weight.float())
-    k32, g32 = matrix_grads(photonic(backend), P32, Q32, weight.float())
-    assert k32.dtype == torch.float32
-    ref_err = (k_r32.double() - k64).abs().max()
-    assert (k32.double() - k64).abs().max() <= 2 * ref_err + 2e-5 * k64.abs().max()
-    for a, r, b in zip(g32, g_r32, g64):
-        ref_err = (r.to(torch.complex128) - b).abs().max()
-        assert (a.to(torch.complex128) - b).abs().max() <= 2 * ref_err + 1e-5 * b.abs().max() + 1e-6
+    check_photonic_float32(photonic(backend), P64, Q64, torch.randn(N, M, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("backend, relation", params(relations=("photonic",)))

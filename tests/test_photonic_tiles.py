@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import qrkd
-from parity import make_matrices, matrix_grads, relative_error
+from parity import check_photonic_float32, make_matrices, matrix_grads, relative_error
 from qrkd.backends import reference
 
 pytestmark = pytest.mark.skipif("cpp" not in qrkd.available_backends(), reason="the compiled extension is not built")
@@ -46,15 +46,7 @@ def test_tiles_float32_criterion(M):
     P64 = make_matrices(N, n, m, seed=5)
     Q64 = None if M is None else make_matrices(M, n, m, seed=6)
     weight = torch.randn(N, N if M is None else M, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-    k64, g64 = matrix_grads(reference.photonic_fidelity, P64, Q64, weight)
-    to32 = (lambda x: None if x is None else x.to(torch.complex64))
-    k_r32, g_r32 = matrix_grads(reference.photonic_fidelity, to32(P64), to32(Q64), weight.float())
-    k32, g32 = matrix_grads(cpp, to32(P64), to32(Q64), weight.float())
-    assert k32.dtype == torch.float32
-    assert (k32.double() - k64).abs().max() <= 2 * (k_r32.double() - k64).abs().max() + 2e-5 * k64.abs().max()
-    for a, r, b in zip(g32, g_r32, g64):
-        ref_err = (r.to(torch.complex128) - b).abs().max()
-        assert (a.to(torch.complex128) - b).abs().max() <= 2 * ref_err + 1e-5 * b.abs().max() + 1e-6
+    check_photonic_float32(cpp, P64, Q64, weight)
 
 
 def _rank_one_rows(N, n, m, seed):
@@ -137,14 +129,7 @@ def test_shared_columns_float32_criterion(symmetric):
     P64 = _with_shared_columns(make_matrices(N, n, m, seed=61), [4, 5, 6, 7, 8, 9], value)
     Q64 = None if symmetric else _with_shared_columns(make_matrices(M, n, m, seed=62), [4, 5, 6, 7, 8, 9], value)
     weight = torch.randn(N, N if symmetric else M, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
-    k64, g64 = matrix_grads(reference.photonic_fidelity, P64, Q64, weight)
-    to32 = (lambda x: None if x is None else x.to(torch.complex64))
-    k_r32, g_r32 = matrix_grads(reference.photonic_fidelity, to32(P64), to32(Q64), weight.float())
-    k32, g32 = matrix_grads(cpp, to32(P64), to32(Q64), weight.float())
-    assert (k32.double() - k64).abs().max() <= 2 * (k_r32.double() - k64).abs().max() + 2e-5 * k64.abs().max()
-    for a, r, b in zip(g32, g_r32, g64):
-        ref_err = (r.to(torch.complex128) - b).abs().max()
-        assert (a.to(torch.complex128) - b).abs().max() <= 2 * ref_err + 1e-5 * b.abs().max() + 1e-6
+    check_photonic_float32(cpp, P64, Q64, weight)
 
 
 @pytest.mark.parametrize("row", [0, 5])
