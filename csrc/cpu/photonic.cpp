@@ -16,7 +16,8 @@
 //    d_b is constant between two flips of column b, so sum_d d_b E_a(d) is accumulated per run: a running sum of
 //    E_a, read at each flip (O(n) per step, not O(n^2)).
 // The backward's per-pair weights Y = 2 G_ij Perm(A) conj(C) overwrite C in the same layout, and two more products
-// contract them: dL/dP = Y Q (from Y R^T, dot products along the tile's columns) and dL/dQ = Y^H P (from L^T Y).
+// contract them: dL/dP = Y Q (from Y R^T, dot products along the tile's columns) and dL/dQ = Y^H P (from L^T Y),
+// both over the varying columns; a shared column's parts need only Y summed over the tile's j or i.
 //
 // Precision: the products and, up to kFloatWalkPhotons photons, the walks run in the input's precision (float32 for
 // complex64, as torch's own complex64 matmul and the float32 reference would); every sum over tiles is kept in double.
@@ -80,7 +81,8 @@ static Tiles tiles_for(int64_t n, int64_t m, int64_t M) {
 // of the seed's circuit, which carry no phase) adds the same n x n block to every A_ij: `shared`, the sum of
 // P_0[:, k] P_0[:, k]^H over those columns, computed once in double. L's columns and R's rows put the varying
 // columns first, [Re varying, Im varying, Re shared, Im shared], so a product over the first 2 `varying` of them,
-// started from the shared block, is A; the backward's gradient products still run over all 2m.
+// started from the shared block, is A. The backward's gradient products run over the same 2 `varying`; the shared
+// columns' parts come from sums of Y (SharedTables).
 struct Columns {
   std::vector<int64_t> order;  // the input column at each position: the varying ones, then the shared ones
   int64_t varying = 0;
