@@ -39,6 +39,23 @@ inline int thread_id() {
 #endif
 }
 
+// GCC vector types of 32 bytes of T, loaded and stored unaligned (as immintrin.h's __m256_u); a build without AVX
+// lowers them to pairs of 16-byte operations
+template <typename T>
+struct VecOf;
+template <>
+struct VecOf<float> {
+  typedef float type __attribute__((vector_size(32), may_alias, aligned(1)));
+};
+template <>
+struct VecOf<double> {
+  typedef double type __attribute__((vector_size(32), may_alias, aligned(1)));
+};
+template <typename T>
+using Vec = typename VecOf<T>::type;
+template <typename T>
+constexpr int kVecLanes = 32 / int(sizeof(T));
+
 // smooth_l1 with beta = 1 and its derivative clamp(u, -1, 1)
 template <typename T>
 inline T smooth_l1(T u) {

@@ -32,7 +32,8 @@ def test_angle_one_dimensional_student(n):
     truth, _ = value_and_grad(reference.rkd_angle_loss, s, t)
     v, g = value_and_grad(cpp.rkd_angle_loss, s, t)
     assert abs(v.item() - truth.item()) <= 1e-10 * truth.item()
-    assert g.abs().max().item() <= 1e-11
+    # the floor is rounding: over 15 seeds each at N = 64, 128 and 200 the largest |g| was 5.8e-11, 5.8e-11, 9.2e-11
+    assert g.abs().max().item() <= 2e-10
     v32, g32 = value_and_grad(cpp.rkd_angle_loss, s.float(), t.float())
     _, g32_torch = value_and_grad(pure_torch.rkd_angle_loss, s.float(), t.float())
     assert abs(v32.item() - truth.item()) <= 2e-5 * truth.item()
@@ -118,6 +119,20 @@ def test_angle_column_bands(monkeypatch, band):
     monkeypatch.setenv("QRKD_CPP_ANGLE_BAND", band)
     check_parity("angle", cpp, make_features(70, 6, "duplicates", seed=24), make_features(70, 3, seed=25))
     _angle_range_check(make_features(70, 4, seed=26), make_features(70, 5, "zero_rows", seed=27), 9, 50)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_angle_full_tiles(threads):
+    # N = 603: groups of eight anchor blocks and a partial one, five column chunks (the last partial), ten blocks of
+    # rows b, and N not a multiple of a vector (padded rows, masked last vectors); against the torch backend, whose
+    # angle pass is chunked (the reference would hold N^3 float64)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        check_parity("angle", cpp, make_features(603, 5, "duplicates", seed=60), make_features(603, 7, seed=61),
+                     against=pure_torch)
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("relation", RELATIONS)

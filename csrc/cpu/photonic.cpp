@@ -41,6 +41,9 @@
 
 namespace qrkd_photonic {
 
+using qrkd::kVecLanes;
+using qrkd::Vec;
+
 // The walks' precision. complex64 inputs walk in float up to kFloatWalkPhotons photons, like their products, and in
 // double above: the hard case of a Gray-code walk is a rank-one A, whose 2^(n-1) terms reach n^n / n! times the
 // permanent and cancel down to it (26x at n = 5, 416x at n = 8, 18,600x at n = 12, where a float walk loses 3e-5).
@@ -171,21 +174,6 @@ static std::vector<T> product_start(const Columns& cols, int64_t n, T scale) {
         }
   return start;
 }
-
-template <typename T>
-struct VecOf;  // 32 bytes of T, loaded and stored unaligned (as immintrin.h's __m256_u)
-template <>
-struct VecOf<float> {
-  typedef float type __attribute__((vector_size(32), may_alias, aligned(1)));
-};
-template <>
-struct VecOf<double> {
-  typedef double type __attribute__((vector_size(32), may_alias, aligned(1)));
-};
-template <typename T>
-using Vec = typename VecOf<T>::type;
-template <typename T>
-constexpr int kVecLanes = 32 / int(sizeof(T));
 
 // The backward's gradient products over the shared columns. Their rows of R are the same for every j and their
 // columns of L the same for every i (up to zero padding, where Y is zero), so Y's sums over a tile's j (for dL/dP)

@@ -54,11 +54,13 @@ void squared_distances_exact(const T* x, int64_t n, int64_t d, double* q, Interr
   mirror_upper(q, n);
 }
 
-// What the triplet pass reads per pair (u, v), each an n x n row-major table: the squared distances q (float32 input:
-// q = hi + lo, both float32, so that the law-of-cosines numerator keeps the digits that float64 q has), 1/d (0 where
-// d = 0; 1/max(d, 1e-12) otherwise, as the reference's normalisation) and, for the gradient, h = 1/(2q).
+// What the triplet pass reads per pair (u, v), each an n x ld row-major table (ld: n rounded up to a whole vector, the
+// columns past n zero): the squared distances q (float32 input: q = hi + lo, both float32, so that the law-of-cosines
+// numerator keeps the digits that float64 q has), 1/d (0 where d = 0; 1/max(d, 1e-12) otherwise, as the reference's
+// normalisation) and, for the gradient, h = 1/(2q).
 template <typename T>
 struct PairTables {
+  int64_t ld = 0;
   const T* qs = nullptr;
   const T* qs_lo = nullptr;  // float32 only
   const T* qt = nullptr;
@@ -68,19 +70,29 @@ struct PairTables {
   const T* hs = nullptr;  // gradient only
 };
 
+// From q (n x n, double) into the n x ld tables: 1/d, h = 1/(2q) when half_inv_q is given, q itself (float32: hi
+// and, when lo is given, the remainder lo)
 template <typename T>
-void pair_tables(const double* q, int64_t count, T* inv_d, T* half_inv_q, T* hi, T* lo) {
+void pair_tables(const double* q, int64_t n, int64_t ld, T* inv_d, T* half_inv_q, T* hi, T* lo) {
   const T eps = T(kEps);
-#pragma omp parallel for simd schedule(static) num_threads(num_threads()) if (worth_parallel(count))
-  for (int64_t i = 0; i < count; ++i) {
-    const T d = T(std::sqrt(q[i]));
-    const T inv = d > T(0) ? T(1) / std::max(d, eps) : T(0);
-    inv_d[i] = inv;
-    if (half_inv_q) half_inv_q[i] = d >= eps ? T(0.5) * inv * inv : T(0);
-    if (hi) {
-      const T h = T(q[i]);
-      hi[i] = h;
-      lo[i] = T(q[i] - double(h));
+#pragma omp parallel for schedule(static) num_threads(num_threads()) if (worth_parallel(n * n))
+  for (int64_t i = 0; i < n; ++i) {
+    const double* qi = q + i * n;
+    const int64_t row = i * ld;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const T d = T(std::sqrt(qi[j]));
+      const T inv = d > T(0) ? T(1) / std::max(d, eps) : T(0);
+      inv_d[row + j] = inv;
+      if (half_inv_q) half_inv_q[row + j] = d >= eps ? T(0.5) * inv * inv : T(0);
+      const T h = T(qi[j]);
+      hi[row + j] = h;
+      if (lo) lo[row + j] = T(qi[j] - double(h));
+    }
+    for (int64_t j = n; j < ld; ++j) {
+      inv_d[row + j] = hi[row + j] = T(0);
+      if (half_inv_q) half_inv_q[row + j] = T(0);
+      if (lo) lo[row + j] = T(0);
     }
   }
 }
@@ -133,11 +145,15 @@ inline int64_t band_width(int64_t n, int threads) {
   return std::min(n, w);
 }
 
-// Tiles of the triplet pass: kAnchors anchors share each row b they load; their rows of a chunk of kColumns columns c
-// stay in cache while every row b streams past; the float32 sums of a tile go to float64 after kRows rows b.
+// Tiles of the triplet pass. kAnchors anchors share each row b they load: their rows of a chunk of kColumns columns c
+// stay in L1 while the rows b stream past, kRows rows at a time, and the float32 sums of a tile go to float64 after
+// those rows. The kGroupBlocks anchor blocks of a group take the same kRows rows b in turn, so that those rows come
+// from L2 (a chunk's rows over all b, 1 KiB each, are 2 MiB at N = 2048; read from L3 per anchor block, they set the
+// pace of the pass).
 constexpr int64_t kAnchors = 8;
 constexpr int64_t kColumns = 128;
 constexpr int64_t kRows = 64;
+constexpr int64_t kGroupBlocks = 8;
 
 // float32: a point c is near the anchor a when 0 < d_ac < d_max(a) / 8 on the student or the teacher side. Triplets
 // whose b and c are both far (or coincide with a) have d_ab / d_ac within [1/8, 8] (or a zero r): their numerator
@@ -145,12 +161,138 @@ constexpr int64_t kRows = 64;
 // hi + lo numerator, in rows of their own. (Exact duplicates of a need no care: their r is 0.)
 constexpr double kNearRatio = 1.0 / 8.0;
 
+// The integer vector of T's width, for |u| and the sign of u as bit masks
+template <typename T>
+struct LanesOf;
+template <>
+struct LanesOf<float> {
+  typedef int32_t type __attribute__((vector_size(32)));
+  static constexpr int32_t kSign = std::numeric_limits<int32_t>::min();
+};
+template <>
+struct LanesOf<double> {
+  typedef int64_t type __attribute__((vector_size(32)));
+  static constexpr int64_t kSign = std::numeric_limits<int64_t>::min();
+};
+
+template <typename T>
+inline Vec<T> load(const T* p) {
+  return *reinterpret_cast<const Vec<T>*>(p);
+}
+
+template <typename T>
+inline void store(T* p, Vec<T> v) {
+  *reinterpret_cast<Vec<T>*>(p) = v;
+}
+
+// the float64 lanes of a vector's sum: float32 lanes are added in pairs after their conversion
+inline Vec<double> widen(Vec<float> v) {
+  typedef float Half __attribute__((vector_size(16)));
+  const Half lo = __builtin_shufflevector(v, v, 0, 1, 2, 3), hi = __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  return __builtin_convertvector(lo, Vec<double>) + __builtin_convertvector(hi, Vec<double>);
+}
+
+inline Vec<double> widen(Vec<double> v) {
+  return v;
+}
+
+inline double lane_sum(Vec<double> v) {
+  return (v[0] + v[1]) + (v[2] + v[3]);
+}
+
+// What one segment of the far triplets (anchor a, row b, columns c) reads: the anchor's rows (1/d with the near
+// columns zeroed), row b, and the pair (a, b)'s scalars broadcast
+template <typename T>
+struct Segment {
+  const T *qsa, *qta, *isa, *ita, *hsa, *qsb, *qtb;
+  Vec<T> qs_ab, qt_ab, rs_b, rt_b;
+};
+
+// The triplets (a, b, c) of the column vector at c: their loss terms into lsum; with kGrad, the two parts of their
+// dL/dq_ab, g r and g A, into s1 and s2 (dL/dq_ab = s1 - h_ab s2, formed in float64), their dL/dq_ac into acc[c] and
+// minus their dL/dq_bc into pb[c]. With kMasked, w weighs the lanes (0 off
+// the segment, 1/2 on the c == b diagonal, whose triplet is the same formula: q_bb = 0).
+template <typename T, bool kGrad, bool kMasked>
+inline void triplet_vector(const Segment<T>& s, int64_t c, Vec<T> w, T* acc, T* pb, Vec<T>& lsum, Vec<T>& s1,
+                           Vec<T>& s2) {
+  using V = Vec<T>;
+  using I = typename LanesOf<T>::type;
+  const I sign = I{} + LanesOf<T>::kSign;
+  const V one = V{} + T(1);
+  const V r = s.rs_b * load(s.isa + c);
+  const V as = ((s.qs_ab + load(s.qsa + c)) - load(s.qsb + c)) * r;
+  const V u = as - ((s.qt_ab + load(s.qta + c)) - load(s.qtb + c)) * (s.rt_b * load(s.ita + c));
+  const V au = (V)((I)u & ~sign);
+  const V m = au < one ? au : one;  // smooth_l1(u) = m (|u| - m / 2), its derivative clamp(u, -1, 1) = sign(u) m
+  V term = m * (au - T(0.5) * m);
+  if (kMasked) term *= w;
+  lsum += term;
+  if (kGrad) {
+    V g = (V)((I)m | ((I)u & sign));
+    if (kMasked) g *= w;
+    const V gr = g * r;
+    s1 += gr;
+    s2 += g * as;
+    store(acc + c, load(acc + c) + g * (r - as * load(s.hsa + c)));
+    store(pb + c, load(pb + c) - gr);
+  }
+}
+
+// A row b's columns [lo, hi) of a chunk (c >= b: lo = max(k0, b)) in whole vectors from lo rounded down: the first
+// and the last vector take weights when they reach outside [lo, hi) or hold the diagonal c == b
+template <typename T>
+struct RowVectors {
+  static constexpr int L = kVecLanes<T>;
+  int64_t first, last, inner_begin, inner_end;
+  bool head, tail;
+  Vec<T> w_head, w_tail;
+
+  RowVectors(int64_t lo, int64_t hi, int64_t b) {
+    first = lo / L * L;
+    const int64_t end = (hi + L - 1) / L * L;
+    last = end - L;
+    head = lo != first || b == lo;
+    tail = hi != end;
+    if (first == last) {
+      head = head || tail;
+      tail = false;
+    }
+    inner_begin = head ? first + L : first;
+    inner_end = tail ? last : end;
+    T wh[L], wt[L];
+    for (int l = 0; l < L; ++l) {
+      wh[l] = weight(first + l, lo, hi, b);
+      wt[l] = weight(last + l, lo, hi, b);
+    }
+    w_head = load(wh);
+    w_tail = load(wt);
+  }
+  static T weight(int64_t c, int64_t lo, int64_t hi, int64_t b) {
+    return c < lo || c >= hi ? T(0) : c == b ? T(0.5) : T(1);
+  }
+};
+
+template <typename T, bool kGrad>
+inline void triplet_row(const Segment<T>& s, const RowVectors<T>& row, T* acc, T* pb, Vec<T>& lsum, Vec<T>& s1,
+                        Vec<T>& s2) {
+  constexpr int L = kVecLanes<T>;
+  if (row.head) triplet_vector<T, kGrad, true>(s, row.first, row.w_head, acc, pb, lsum, s1, s2);
+  for (int64_t c = row.inner_begin; c < row.inner_end; c += L)
+    triplet_vector<T, kGrad, false>(s, c, Vec<T>{}, acc, pb, lsum, s1, s2);
+  if (row.tail) triplet_vector<T, kGrad, true>(s, row.last, row.w_tail, acc, pb, lsum, s1, s2);
+}
+
 // Loss sum over the triplets (a, b, c), a in [a0, a1), c >= b (the c == b diagonal at half weight); with kGrad,
 // dL/dq over unordered pairs added into P (n x n float64: where P_uv or P_vu holds a term does not matter, H = P + P^T).
-// Parallel over blocks of anchors: the terms outside the anchors' own rows go to thread-private float64 buffers over a
+// Parallel over groups of anchors: the terms outside the anchors' own rows go to thread-private float64 buffers over a
 // band of columns, summed into P after the band; a single thread adds them into P directly.
 template <typename T, bool kSplit, bool kGrad>
 double triplet_pass(int64_t n, int64_t a0, int64_t a1, const PairTables<T>& tab, double* P, Interrupt& interrupt) {
+  using V = Vec<T>;
+  constexpr int L = kVecLanes<T>;
+  constexpr int64_t kGroup = kAnchors * kGroupBlocks;
+  constexpr int64_t kSpan = kColumns + 2 * L;  // a chunk's columns in whole vectors, from its start rounded down
+  const int64_t ld = tab.ld;
   const int threads = num_threads();
   const bool parallel = threads > 1 && worth_parallel((a1 - a0) * n * n);
   const int64_t W = band_width(n, parallel ? threads : 1);
@@ -158,6 +300,9 @@ double triplet_pass(int64_t n, int64_t a0, int64_t a1, const PairTables<T>& tab,
   if (kGrad && parallel) priv_t = at::empty({int64_t(threads) * n * W}, at::kDouble);
   double* priv = kGrad && parallel ? priv_t.data_ptr<double>() : nullptr;
   const int64_t blocks = (a1 - a0 + kAnchors - 1) / kAnchors;
+  // at least four groups a thread, for the dynamic schedule to balance
+  const int64_t group_blocks = std::clamp<int64_t>(blocks / (4 * (parallel ? threads : 1)), 1, kGroupBlocks);
+  const int64_t groups = (blocks + group_blocks - 1) / group_blocks;
   const T near_q = T(kNearRatio * kNearRatio);
   double loss = 0.0;
 #pragma omp parallel num_threads(threads) reduction(+ : loss) if (parallel)
@@ -165,13 +310,14 @@ double triplet_pass(int64_t n, int64_t a0, int64_t a1, const PairTables<T>& tab,
     const int tid = thread_id();
     const int team = team_size();  // 1 when the region runs serially: the other rows' terms then go straight into P
     double* mine = kGrad && team > 1 ? priv + size_t(tid) * n * W : nullptr;
-    alignas(64) T acc[kAnchors][kColumns];  // P_ac of the tile's anchors over a chunk, float32 between flushes
-    alignas(64) T pbc[kColumns];            // P_bc of one row b over a chunk, summed over the tile's anchors
-    // per anchor of the block: 1/d rows with the near columns zeroed (their triplets then vanish from the main loop),
+    alignas(64) T acc[kAnchors][kSpan];  // P_ac of a block's anchors over a chunk, float32 between flushes
+    alignas(64) T pbc[kSpan];            // P_bc of one row b over a chunk, summed over a block's anchors
+    // per anchor of the group: 1/d rows with the near columns zeroed (their triplets then vanish from the main loop),
     // near flags, and the near points
-    std::vector<T> is_far(size_t(kAnchors) * n), it_far(size_t(kAnchors) * n);
-    std::vector<char> is_near(kSplit ? size_t(kAnchors) * n : 0);
-    std::vector<int64_t> near_points[kAnchors];
+    std::vector<T> is_far(size_t(kGroup) * ld), it_far(size_t(kGroup) * ld);
+    std::vector<char> is_near(kSplit ? size_t(kGroup) * n : 0);
+    std::vector<int64_t> near_points[kGroup];
+    Vec<double> loss_lanes{};
     for (int64_t c0 = 0; c0 < n; c0 += W) {
       const int64_t c1 = std::min(n, c0 + W);
       // once interrupted, the remaining bands only pass their barriers (every thread meets the same constructs)
@@ -179,22 +325,20 @@ double triplet_pass(int64_t n, int64_t a0, int64_t a1, const PairTables<T>& tab,
       double* pbc_rows = mine ? mine - c0 : P;  // the term of pair (u, v), v in the band: pbc_rows[u * stride + v]
       const int64_t stride = mine ? W : n;
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t block = 0; block < blocks; ++block) {
+      for (int64_t group = 0; group < groups; ++group) {
         if (interrupt.check(tid == 0)) continue;
-        const int64_t ab = a0 + block * kAnchors, ae = std::min(a1, ab + kAnchors);
-        for (int64_t a = ab; a < ae; ++a) {
-          const int64_t i = a - ab;
-          const T* isa = tab.is + a * n;
-          const T* ita = tab.it + a * n;
-          T* fs = is_far.data() + i * n;
-          T* ft = it_far.data() + i * n;
-          if (!kSplit) {
-            std::copy(isa, isa + n, fs);
-            std::copy(ita, ita + n, ft);
-            continue;
-          }
-          const T* qsa = tab.qs + a * n;
-          const T* qta = tab.qt + a * n;
+        const int64_t g0 = a0 + group * group_blocks * kAnchors, g1 = std::min(a1, g0 + group_blocks * kAnchors);
+        for (int64_t a = g0; a < g1; ++a) {
+          const int64_t i = a - g0;
+          const T* isa = tab.is + a * ld;
+          const T* ita = tab.it + a * ld;
+          T* fs = is_far.data() + i * ld;
+          T* ft = it_far.data() + i * ld;
+          std::copy(isa, isa + ld, fs);
+          std::copy(ita, ita + ld, ft);
+          if (!kSplit) continue;
+          const T* qsa = tab.qs + a * ld;
+          const T* qta = tab.qt + a * ld;
           T qs_max = 0, qt_max = 0;
           for (int64_t c = 0; c < n; ++c) {
             qs_max = std::max(qs_max, qsa[c]);
@@ -206,109 +350,83 @@ double triplet_pass(int64_t n, int64_t a0, int64_t a1, const PairTables<T>& tab,
           for (int64_t c = 0; c < n; ++c) {
             const bool is_near_c = (qsa[c] > T(0) && qsa[c] < qs_near) || (qta[c] > T(0) && qta[c] < qt_near);
             near[c] = is_near_c;
-            fs[c] = is_near_c ? T(0) : isa[c];
-            ft[c] = is_near_c ? T(0) : ita[c];
-            if (is_near_c) near_points[i].push_back(c);
+            if (is_near_c) {
+              fs[c] = ft[c] = T(0);
+              near_points[i].push_back(c);
+            }
           }
         }
         // triplets with b and c far from a (or coinciding with it), c >= b, in tiles
-        for (int64_t k0 = c0; k0 < c1; k0 += kColumns) {
+        for (int64_t k0 = c0; k0 < c1 && !interrupt.stopped(); k0 += kColumns) {
           const int64_t k1 = std::min(c1, k0 + kColumns);
+          const int64_t kb = k0 / L * L;  // acc and pbc hold the columns from kb
           for (int64_t b0 = 0; b0 < k1; b0 += kRows) {
             const int64_t b1 = std::min(k1, b0 + kRows);
-            if (kGrad)
-              for (int64_t a = ab; a < ae; ++a) std::fill(acc[a - ab], acc[a - ab] + (k1 - k0), T(0));
-            for (int64_t b = b0; b < b1; ++b) {
-              const int64_t cs = std::max(b + 1, k0);
-              T* pb = pbc - k0;  // indexed by c
-              if (kGrad) std::fill(pb + cs, pb + k1, T(0));
-              const T* qsb = tab.qs + b * n;
-              const T* qtb = tab.qt + b * n;
-              for (int64_t a = ab; a < ae; ++a) {
-                const int64_t i = a - ab;
-                // d_aa = 0 on both sides: every triplet with b == a is 0 - 0; near rows b come later
-                if (a == b || (kSplit && is_near[i * n + b])) continue;
-                const T* qsa = tab.qs + a * n;
-                const T* qta = tab.qt + a * n;
-                const T* isa = is_far.data() + i * n;
-                const T* ita = it_far.data() + i * n;
-                const T* hsa = kGrad ? tab.hs + a * n : nullptr;
-                T* acc_a = acc[i] - k0;  // indexed by c
-                const T qs_ab = qsa[b], qt_ab = qta[b];
-                const T rs_b = T(0.5) * isa[b], rt_b = T(0.5) * ita[b];
-                T lsum = 0, s1 = 0, s2 = 0;
-                if (b >= k0) {  // c == b: half the weight of the c > b triplets (everything is doubled at the end)
-                  const T r = rs_b * isa[b], rt = rt_b * ita[b];
-                  const T as = T(2) * qs_ab * r, at_ = T(2) * qt_ab * rt;
-                  const T u = as - at_;
-                  lsum += T(0.5) * smooth_l1(u);
-                  if (kGrad) {
-                    const T g = smooth_l1_grad(u);
-                    const T gr = T(0.5) * g * r, ga = T(0.5) * g * as;
-                    s1 += gr;
-                    s2 += ga;
-                    acc_a[b] += gr - ga * hsa[b];
-                  }
+            for (int64_t ab = g0; ab < g1; ab += kAnchors) {
+              const int64_t ae = std::min(g1, ab + kAnchors);
+              if (kGrad)
+                for (int64_t a = ab; a < ae; ++a) std::fill(acc[a - ab], acc[a - ab] + kSpan, T(0));
+              for (int64_t b = b0; b < b1; ++b) {
+                const RowVectors<T> row(std::max(k0, b), k1, b);
+                T* pb = pbc - kb;  // indexed by c
+                if (kGrad) std::fill(pb + row.first, pb + row.last + L, T(0));
+                Segment<T> seg;
+                seg.qsb = tab.qs + b * ld;
+                seg.qtb = tab.qt + b * ld;
+                for (int64_t a = ab; a < ae; ++a) {
+                  const int64_t i = a - g0;
+                  // d_aa = 0 on both sides: every triplet with b == a is 0 - 0; near rows b come later
+                  if (a == b || (kSplit && is_near[i * n + b])) continue;
+                  seg.qsa = tab.qs + a * ld;
+                  seg.qta = tab.qt + a * ld;
+                  seg.isa = is_far.data() + i * ld;
+                  seg.ita = it_far.data() + i * ld;
+                  seg.hsa = kGrad ? tab.hs + a * ld : nullptr;
+                  seg.qs_ab = V{} + seg.qsa[b];
+                  seg.qt_ab = V{} + seg.qta[b];
+                  seg.rs_b = V{} + T(0.5) * seg.isa[b];
+                  seg.rt_b = V{} + T(0.5) * seg.ita[b];
+                  V lsum{}, s1{}, s2{};
+                  triplet_row<T, kGrad>(seg, row, acc[a - ab] - kb, pb, lsum, s1, s2);
+                  loss_lanes += widen(lsum);
+                  if (kGrad) P[a * n + b] += lane_sum(widen(s1)) - double(seg.hsa[b]) * lane_sum(widen(s2));
                 }
                 if (kGrad) {
-#pragma omp simd reduction(+ : lsum, s1, s2)
-                  for (int64_t c = cs; c < k1; ++c) {
-                    const T r = rs_b * isa[c];
-                    const T as = ((qs_ab + qsa[c]) - qsb[c]) * r;
-                    const T u = mul_add(-((qt_ab + qta[c]) - qtb[c]), rt_b * ita[c], as);
-                    lsum += smooth_l1_branchless(u);
-                    const T g = clamp_unit(u);
-                    const T gr = g * r;
-                    s1 += gr;
-                    s2 += g * as;
-                    acc_a[c] = mul_add(g, mul_add(-as, hsa[c], r), acc_a[c]);  // += g (r - A h_ac)
-                    pb[c] -= gr;
-                  }
-                  P[a * n + b] += double(s1) - double(hsa[b]) * double(s2);
-                } else {
-#pragma omp simd reduction(+ : lsum)
-                  for (int64_t c = cs; c < k1; ++c) {
-                    const T as = ((qs_ab + qsa[c]) - qsb[c]) * (rs_b * isa[c]);
-                    lsum += smooth_l1_branchless(mul_add(-((qt_ab + qta[c]) - qtb[c]), rt_b * ita[c], as));
-                  }
+                  double* dst = pbc_rows + b * stride;
+                  for (int64_t c = std::max(b + 1, k0); c < k1; ++c) dst[c] += double(pb[c]);
                 }
-                loss += double(lsum);
               }
-              if (kGrad) {
-                double* dst = pbc_rows + b * stride;
-                for (int64_t c = cs; c < k1; ++c) dst[c] += double(pb[c]);
-              }
+              if (kGrad)
+                for (int64_t a = ab; a < ae; ++a) {
+                  double* Pa = P + a * n;
+                  const T* src = acc[a - ab] - kb;
+                  for (int64_t c = k0; c < k1; ++c) Pa[c] += double(src[c]);
+                }
             }
-            if (kGrad)
-              for (int64_t a = ab; a < ae; ++a) {
-                double* Pa = P + a * n;
-                const T* src = acc[a - ab] - k0;
-                for (int64_t c = k0; c < k1; ++c) Pa[c] += double(src[c]);
-              }
           }
         }
         if (!kSplit) continue;
         // triplets (a, m, c) with m near a, c in the band: c far (any side of m; far rows skip m as a column), c near
         // and c > m, or c == m at half weight; hi + lo numerators, sums in float64 per row
-        for (int64_t a = ab; a < ae; ++a) {
-          const int64_t i = a - ab;
-          const T* qsa = tab.qs + a * n;
-          const T* qta = tab.qt + a * n;
-          const T* lsa = tab.qs_lo + a * n;
-          const T* lta = tab.qt_lo + a * n;
-          const T* hsa = kGrad ? tab.hs + a * n : nullptr;
+        for (int64_t a = g0; a < g1; ++a) {
+          const int64_t i = a - g0;
+          const T* qsa = tab.qs + a * ld;
+          const T* qta = tab.qt + a * ld;
+          const T* lsa = tab.qs_lo + a * ld;
+          const T* lta = tab.qt_lo + a * ld;
+          const T* hsa = kGrad ? tab.hs + a * ld : nullptr;
           double* Pa = P + a * n;
           for (const int64_t m : near_points[i]) {
-            const T* qsm = tab.qs + m * n;
-            const T* qtm = tab.qt + m * n;
-            const T* lsm = tab.qs_lo + m * n;
-            const T* ltm = tab.qt_lo + m * n;
+            const T* qsm = tab.qs + m * ld;
+            const T* qtm = tab.qt + m * ld;
+            const T* lsm = tab.qs_lo + m * ld;
+            const T* ltm = tab.qt_lo + m * ld;
             double* pm = pbc_rows + m * stride;
             const T qs_am = qsa[m], qt_am = qta[m], ls_am = lsa[m], lt_am = lta[m];
-            const T rs_m = T(0.5) * tab.is[a * n + m], rt_m = T(0.5) * tab.it[a * n + m];
+            const T rs_m = T(0.5) * tab.is[a * ld + m], rt_m = T(0.5) * tab.it[a * ld + m];
             double row_s1 = 0.0, row_s2 = 0.0;
             if (m >= c0 && m < c1) {
-              const T r = rs_m * tab.is[a * n + m], rt = rt_m * tab.it[a * n + m];
+              const T r = rs_m * tab.is[a * ld + m], rt = rt_m * tab.it[a * ld + m];
               const T as = T(2) * (qs_am + ls_am) * r, at_ = T(2) * (qt_am + lt_am) * rt;
               const T u = as - at_;
               loss += double(T(0.5) * smooth_l1(u));
@@ -323,8 +441,8 @@ double triplet_pass(int64_t n, int64_t a0, int64_t a1, const PairTables<T>& tab,
             // columns below m: far ones only (zeroed 1/d rows); above m: all
             for (int part = 0; part < 2; ++part) {
               const int64_t lo = part == 0 ? c0 : std::max(c0, m + 1), hi = part == 0 ? std::min(c1, m) : c1;
-              const T* isa = part == 0 ? is_far.data() + i * n : tab.is + a * n;
-              const T* ita = part == 0 ? it_far.data() + i * n : tab.it + a * n;
+              const T* isa = part == 0 ? is_far.data() + i * ld : tab.is + a * ld;
+              const T* ita = part == 0 ? it_far.data() + i * ld : tab.it + a * ld;
               T lsum = 0, s1 = 0, s2 = 0;
 #pragma omp simd reduction(+ : lsum, s1, s2)
               for (int64_t c = lo; c < hi; ++c) {
@@ -361,6 +479,7 @@ double triplet_pass(int64_t n, int64_t a0, int64_t a1, const PairTables<T>& tab,
         }
       }  // implicit barrier before the buffers are cleared for the next band
     }
+    loss += lane_sum(loss_lanes);
   }
   return loss;
 }
@@ -376,31 +495,34 @@ std::tuple<at::Tensor, at::Tensor> angle_impl(const at::Tensor& s, const at::Ten
   squared_distances_exact(s.data_ptr<T>(), n, s.size(1), qs.data_ptr<double>(), interrupt);
   squared_distances_exact(t.data_ptr<T>(), n, t.size(1), qt.data_ptr<double>(), interrupt);
   interrupt.rethrow();
-  // float32: the tables hold q as hi + lo in a (4, n, n) tensor; float64 reads q itself
-  at::Tensor split = kSplit ? at::empty({4, n, n}, opts) : at::Tensor();
-  at::Tensor inv = at::empty({with_grad ? 3 : 2, n, n}, opts);
+  // the tables, each n x ld: 1/d student, 1/d teacher, [h student,] q student, [lo student,] q teacher[, lo teacher]
+  // (float32 keeps q as hi + lo). The pass reads the same columns of 8 consecutive rows of 4 or 5 tables at once: at a
+  // row stride of a multiple of 4 KiB (N = 1024 and 2048, float32) those all fall in one set of the 8-way L1 and evict
+  // each other. So ld is an odd number of cache lines (consecutive rows in consecutive sets) and the tables lie 8
+  // lines apart modulo 4 KiB.
+  constexpr int64_t kLine = 64 / int64_t(sizeof(T));
+  int64_t ld = (n + kLine - 1) / kLine * kLine;
+  if ((ld / kLine) % 2 == 0) ld += kLine;
+  const int64_t size = (n * ld + 63 * kLine) / (64 * kLine) * (64 * kLine) + 8 * kLine;
+  const int64_t q_tables = kSplit ? 4 : 2;
+  at::Tensor tables = at::empty({((with_grad ? 3 : 2) + q_tables) * size}, opts);
+  T* p = tables.data_ptr<T>();
   PairTables<T> tab;
-  T* pinv = inv.data_ptr<T>();
-  T* psplit = kSplit ? split.data_ptr<T>() : nullptr;
-  const int64_t nn = n * n;
-  pair_tables(qs.data_ptr<double>(), nn, pinv, with_grad ? pinv + 2 * nn : nullptr, psplit,
-              kSplit ? psplit + nn : nullptr);
-  pair_tables<T>(qt.data_ptr<double>(), nn, pinv + nn, nullptr, kSplit ? psplit + 2 * nn : nullptr,
-                 kSplit ? psplit + 3 * nn : nullptr);
-  tab.is = pinv;
-  tab.it = pinv + nn;
-  tab.hs = with_grad ? pinv + 2 * nn : nullptr;
-  if constexpr (kSplit) {
-    tab.qs = psplit;
-    tab.qs_lo = psplit + nn;
-    tab.qt = psplit + 2 * nn;
-    tab.qt_lo = psplit + 3 * nn;
-    qs.reset();
-    qt.reset();
-  } else {
-    tab.qs = qs.data_ptr<double>();
-    tab.qt = qt.data_ptr<double>();
-  }
+  tab.ld = ld;
+  tab.is = p;
+  tab.it = p + size;
+  tab.hs = with_grad ? p + 2 * size : nullptr;
+  T* q_base = p + (with_grad ? 3 : 2) * size;
+  tab.qs = q_base;
+  tab.qs_lo = kSplit ? q_base + size : nullptr;
+  tab.qt = q_base + (kSplit ? 2 : 1) * size;
+  tab.qt_lo = kSplit ? q_base + 3 * size : nullptr;
+  pair_tables(qs.data_ptr<double>(), n, ld, p, with_grad ? p + 2 * size : nullptr, q_base,
+              kSplit ? q_base + size : nullptr);
+  pair_tables(qt.data_ptr<double>(), n, ld, p + size, static_cast<T*>(nullptr), const_cast<T*>(tab.qt),
+              const_cast<T*>(tab.qt_lo));
+  qs.reset();
+  qt.reset();
 
   const double scale = 2.0 / (double(n) * double(n) * double(n));  // weight 2 of the c > b half, mean over N^3
   if (!with_grad) {
@@ -412,7 +534,7 @@ std::tuple<at::Tensor, at::Tensor> angle_impl(const at::Tensor& s, const at::Ten
   double* dl_dq = P.data_ptr<double>();
   const double loss = triplet_pass<T, kSplit, true>(n, a0, a1, tab, dl_dq, interrupt);
   interrupt.rethrow();
-  qs.reset(); qt.reset(); split.reset(); inv.reset();
+  tables.reset();
   // H = P + P^T in place (zero diagonal: x_u - x_u = 0)
   symmetrise_sum(dl_dq, n);
   for (int64_t i = 0; i < n; ++i) dl_dq[i * n + i] = 0.0;
