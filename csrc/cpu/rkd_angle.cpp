@@ -18,6 +18,9 @@
 #include "interrupt.h"
 
 #include <cstdlib>
+#ifdef __AVX__
+#include <immintrin.h>
+#endif
 #include <type_traits>
 #include <vector>
 
@@ -161,19 +164,20 @@ constexpr int64_t kGroupBlocks = 8;
 // hi + lo numerator, in rows of their own. (Exact duplicates of a need no care: their r is 0.)
 constexpr double kNearRatio = 1.0 / 8.0;
 
-// The integer vector of T's width, for |u| and the sign of u as bit masks
+// clamp(u, -1, 1) in two instructions where AVX has them (vminps / vmaxps; a comparison and a blend each otherwise)
 template <typename T>
-struct LanesOf;
-template <>
-struct LanesOf<float> {
-  typedef int32_t type __attribute__((vector_size(32)));
-  static constexpr int32_t kSign = std::numeric_limits<int32_t>::min();
-};
-template <>
-struct LanesOf<double> {
-  typedef int64_t type __attribute__((vector_size(32)));
-  static constexpr int64_t kSign = std::numeric_limits<int64_t>::min();
-};
+inline Vec<T> clamp_lanes(Vec<T> u) {
+  const Vec<T> one = Vec<T>{} + T(1);
+#ifdef __AVX__
+  if constexpr (std::is_same<T, float>::value)
+    return (Vec<T>)_mm256_max_ps(_mm256_min_ps((__m256)u, (__m256)one), (__m256)-one);
+  else
+    return (Vec<T>)_mm256_max_pd(_mm256_min_pd((__m256d)u, (__m256d)one), (__m256d)-one);
+#else
+  const Vec<T> upper = u < one ? u : one;
+  return upper > -one ? upper : -one;
+#endif
+}
 
 template <typename T>
 inline Vec<T> load(const T* p) {
@@ -210,25 +214,20 @@ struct Segment {
 
 // The triplets (a, b, c) of the column vector at c: their loss terms into lsum; with kGrad, the two parts of their
 // dL/dq_ab, g r and g A, into s1 and s2 (dL/dq_ab = s1 - h_ab s2, formed in float64), their dL/dq_ac into acc[c] and
-// minus their dL/dq_bc into pb[c]. With kMasked, w weighs the lanes (0 off
-// the segment, 1/2 on the c == b diagonal, whose triplet is the same formula: q_bb = 0).
+// minus their dL/dq_bc into pb[c]. With kMasked, w weighs the lanes (0 off the segment, 1/2 on the c == b diagonal,
+// whose triplet is the same formula: q_bb = 0).
 template <typename T, bool kGrad, bool kMasked>
 inline void triplet_vector(const Segment<T>& s, int64_t c, Vec<T> w, T* acc, T* pb, Vec<T>& lsum, Vec<T>& s1,
                            Vec<T>& s2) {
   using V = Vec<T>;
-  using I = typename LanesOf<T>::type;
-  const I sign = I{} + LanesOf<T>::kSign;
-  const V one = V{} + T(1);
   const V r = s.rs_b * load(s.isa + c);
   const V as = ((s.qs_ab + load(s.qsa + c)) - load(s.qsb + c)) * r;
   const V u = as - ((s.qt_ab + load(s.qta + c)) - load(s.qtb + c)) * (s.rt_b * load(s.ita + c));
-  const V au = (V)((I)u & ~sign);
-  const V m = au < one ? au : one;  // smooth_l1(u) = m (|u| - m / 2), its derivative clamp(u, -1, 1) = sign(u) m
-  V term = m * (au - T(0.5) * m);
+  V g = clamp_lanes<T>(u);  // smooth_l1's derivative; smooth_l1(u) = g (u - g / 2)
+  V term = g * (u - T(0.5) * g);
   if (kMasked) term *= w;
   lsum += term;
   if (kGrad) {
-    V g = (V)((I)m | ((I)u & sign));
     if (kMasked) g *= w;
     const V gr = g * r;
     s1 += gr;
