@@ -123,7 +123,7 @@ def test_angle_column_bands(monkeypatch, band):
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_angle_full_tiles(threads):
-    # N = 603: groups of eight anchor blocks and a partial one, five column chunks (the last partial), ten blocks of
+    # N = 603: groups of eight anchor blocks and a partial one, a full column chunk and a partial one, ten blocks of
     # rows b, and N not a multiple of a vector (padded rows, masked last vectors); against the torch backend, whose
     # angle pass is chunked (the reference would hold N^3 float64)
     before = torch.get_num_threads()

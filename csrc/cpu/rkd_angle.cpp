@@ -57,8 +57,8 @@ void squared_distances_exact(const T* x, int64_t n, int64_t d, double* q, Interr
   mirror_upper(q, n);
 }
 
-// What the triplet pass reads per pair (u, v), each an n x ld row-major table (ld: n rounded up to a whole vector, the
-// columns past n zero): the squared distances q (float32 input: q = hi + lo, both float32, so that the law-of-cosines
+// What the triplet pass reads per pair (u, v), each an n x ld row-major table (ld >= n, see angle_impl; the columns
+// past n zero): the squared distances q (float32 input: q = hi + lo, both float32, so that the law-of-cosines
 // numerator keeps the digits that float64 q has), 1/d (0 where d = 0; 1/max(d, 1e-12) otherwise, as the reference's
 // normalisation) and, for the gradient, h = 1/(2q).
 template <typename T>
@@ -121,8 +121,8 @@ inline T mul_add(T a, T b, T c) {
   return a * b + c;
 }
 
-// For the vectorised loops: smooth_l1(u) = m (|u| - m / 2) with m = min(|u|, 1), both branches in one expression,
-// and its derivative
+// For the near points' vectorised loop: smooth_l1(u) = m (|u| - m / 2) with m = min(|u|, 1), both branches in one
+// expression, and its derivative
 template <typename T>
 inline T smooth_l1_branchless(T u) {
   const T au = std::abs(u), m = au < T(1) ? au : T(1);
@@ -149,7 +149,8 @@ inline int64_t band_width(int64_t n, int threads) {
 }
 
 // Tiles of the triplet pass. kAnchors anchors share each row b they load, over a chunk of kColumns columns c, kRows
-// rows b at a time; the float32 sums of a tile go to float64 after those rows. The kGroupBlocks anchor blocks of a group
+// rows b at a time; dL/dq_ac's float32 sums go to float64 after those rows, a segment's loss and dL/dq_ab sums (at most
+// kColumns / 8 terms a lane) after the segment. The kGroupBlocks anchor blocks of a group
 // take the same kRows rows b in turn, so that those rows come from L2 (a chunk's rows over all b are 8 MiB at N = 2048
 // and kColumns = 512; read from L3 per anchor block, they set the pace of the pass). Each segment (anchor, row b) has a
 // fixed cost (broadcasts, its sums widened to float64, a masked first vector on the diagonal), so long chunks pay:
