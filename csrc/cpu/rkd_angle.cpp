@@ -194,9 +194,14 @@ inline void store(T* p, Vec<T> v) {
 
 // the float64 lanes of a vector's sum: float32 lanes are added in pairs after their conversion
 inline Vec<double> widen(Vec<float> v) {
-  typedef float Half __attribute__((vector_size(16)));
-  const Half lo = __builtin_shufflevector(v, v, 0, 1, 2, 3), hi = __builtin_shufflevector(v, v, 4, 5, 6, 7);
-  return __builtin_convertvector(lo, Vec<double>) + __builtin_convertvector(hi, Vec<double>);
+#ifdef __AVX__
+  const __m256 x = (__m256)v;
+  return (Vec<double>)_mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(x)),
+                                    _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)));
+#else
+  return Vec<double>{double(v[0]) + double(v[4]), double(v[1]) + double(v[5]), double(v[2]) + double(v[6]),
+                     double(v[3]) + double(v[7])};
+#endif
 }
 
 inline Vec<double> widen(Vec<double> v) {
