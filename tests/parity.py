@@ -1,5 +1,6 @@
 """Parity criteria of DESIGN.md section 6 and the inputs they run on, shared by the backend tests."""
 
+import contextlib
 import math
 
 import torch
@@ -185,3 +186,14 @@ def check_photonic_float32(fn, P64, Q64, weight):
     for a, r, b in zip(g32, g_r32, g64):
         ref_err = (r.to(torch.complex128) - b).abs().max()
         assert (a.to(torch.complex128) - b).abs().max() <= 2 * ref_err + 1e-5 * b.abs().max() + 1e-6
+
+
+@contextlib.contextmanager
+def torch_threads(threads):
+    """torch's intra-op thread count set to `threads` inside the block, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

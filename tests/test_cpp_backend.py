@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from parity import RELATIONS, check_parity, loss_fn, make_features, value_and_grad
+from parity import RELATIONS, check_parity, loss_fn, make_features, torch_threads, value_and_grad
 from qrkd import backends
 from qrkd.backends import pure_torch, reference
 from qrkd.relations import FEATURE_OPS
@@ -126,26 +126,18 @@ def test_angle_full_tiles(threads):
     # N = 603: groups of eight anchor blocks and a partial one, a full column chunk and a partial one, ten blocks of
     # rows b, and N not a multiple of a vector (padded rows, masked last vectors); against the torch backend, whose
     # angle pass is chunked (the reference would hold N^3 float64)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
+    with torch_threads(threads):
         check_parity("angle", cpp, make_features(603, 5, "duplicates", seed=60), make_features(603, 7, seed=61),
                      against=pure_torch)
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("relation", RELATIONS)
 def test_thread_counts_agree(relation):
     s, t = make_features(150, 7, "duplicates", seed=28), make_features(150, 5, seed=29)
-    before = torch.get_num_threads()
     results = []
-    try:
-        for threads in (1, max(2, before)):
-            torch.set_num_threads(threads)
+    for threads in (1, max(2, torch.get_num_threads())):
+        with torch_threads(threads):
             results.append(value_and_grad(loss_fn(cpp, relation), s, t))
-    finally:
-        torch.set_num_threads(before)
     (v1, g1), (v2, g2) = results
     torch.testing.assert_close(v2, v1, rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(g2, g1, rtol=1e-10, atol=1e-12 * g1.abs().max().item() + 1e-15)

@@ -513,23 +513,27 @@ std::tuple<at::Tensor, at::Tensor> angle_impl(const at::Tensor& s, const at::Ten
   const int64_t size = (n * ld + 63 * kLine) / (64 * kLine) * (64 * kLine) + 8 * kLine;
   const int64_t q_tables = kSplit ? 4 : 2;
   at::Tensor tables = at::empty({((with_grad ? 3 : 2) + q_tables) * size}, opts);
-  T* p = tables.data_ptr<T>();
-  PairTables<T> tab;
-  tab.ld = ld;
-  tab.is = p;
-  tab.it = p + size;
-  tab.hs = with_grad ? p + 2 * size : nullptr;
-  T* q_base = p + (with_grad ? 3 : 2) * size;
-  tab.qs = q_base;
-  tab.qs_lo = kSplit ? q_base + size : nullptr;
-  tab.qt = q_base + (kSplit ? 2 : 1) * size;
-  tab.qt_lo = kSplit ? q_base + 3 * size : nullptr;
-  pair_tables(qs.data_ptr<double>(), n, ld, p, with_grad ? p + 2 * size : nullptr, q_base,
-              kSplit ? q_base + size : nullptr);
-  pair_tables(qt.data_ptr<double>(), n, ld, p + size, static_cast<T*>(nullptr), const_cast<T*>(tab.qt),
-              const_cast<T*>(tab.qt_lo));
+  T* next = tables.data_ptr<T>();
+  auto take = [&](bool wanted) {
+    T* table = wanted ? next : nullptr;
+    if (wanted) next += size;
+    return table;
+  };
+  T *is = take(true), *it = take(true), *hs = take(with_grad);
+  T *qs_hi = take(true), *qs_lo = take(kSplit), *qt_hi = take(true), *qt_lo = take(kSplit);
+  pair_tables(qs.data_ptr<double>(), n, ld, is, hs, qs_hi, qs_lo);
+  pair_tables(qt.data_ptr<double>(), n, ld, it, static_cast<T*>(nullptr), qt_hi, qt_lo);
   qs.reset();
   qt.reset();
+  PairTables<T> tab;
+  tab.ld = ld;
+  tab.is = is;
+  tab.it = it;
+  tab.hs = hs;
+  tab.qs = qs_hi;
+  tab.qs_lo = qs_lo;
+  tab.qt = qt_hi;
+  tab.qt_lo = qt_lo;
 
   const double scale = 2.0 / (double(n) * double(n) * double(n));  // weight 2 of the c > b half, mean over N^3
   if (!with_grad) {
