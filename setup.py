@@ -118,7 +118,8 @@ def extensions():
     with_cuda = bool(cuda_sources) and not _flag("QRKD_NO_CUDA") and CUDA_HOME is not None and (
         _flag("FORCE_CUDA") or (torch.version.cuda is not None)
     )
-    cxx = ["-O3", "-fopenmp", "-std=c++17"]
+    # -fno-math-errno: the kernels never read errno, and with it set GCC calls libm for sqrt and keeps the loop scalar
+    cxx = ["-O3", "-fopenmp", "-std=c++17", "-fno-math-errno"]  # qrkd/_build.py's JIT build uses the same
     define = []
     kwargs = dict(
         name="qrkd._C",

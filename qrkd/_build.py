@@ -87,7 +87,7 @@ def _build_config(root: str, files: list):
 
         with_cuda = CUDA_HOME is not None
     native = not _flag("QRKD_PORTABLE")
-    cflags = ["-O3", "-fopenmp", "-std=c++17"] + (["-march=native"] if native else [])
+    cflags = ["-O3", "-fopenmp", "-std=c++17", "-fno-math-errno"] + (["-march=native"] if native else [])  # as setup.py
     cflags += [f"-DQRKD_CPU_KERNELS={'native' if native else 'portable'}"]
     cflags += ["-DWITH_CUDA"] if with_cuda else []
     digest = hashlib.sha256()

@@ -27,30 +27,60 @@
 namespace qrkd {
 namespace {
 
-// q_ij = |x_i - x_j|^2 from differences, in double, vectorised over j on the transposed features.
+template <typename T>
+inline Vec<T> load(const T* p) {
+  return *reinterpret_cast<const Vec<T>*>(p);
+}
+
+template <typename T>
+inline void store(T* p, Vec<T> v) {
+  *reinterpret_cast<Vec<T>*>(p) = v;
+}
+
+// q_ij = |x_i - x_j|^2 from differences, in double, vectorised over j on the transposed features: each block of
+// columns j sums its k terms in registers (k in order, as a scalar loop would)
 template <typename T>
 void squared_distances_exact(const T* x, int64_t n, int64_t d, double* q, Interrupt& interrupt) {
+  using V = Vec<double>;
+  constexpr int64_t L = kVecLanes<double>, kBlock = 4 * L;
   std::vector<double> xt(size_t(n) * size_t(d));
   for (int64_t i = 0; i < n; ++i)
     for (int64_t k = 0; k < d; ++k) xt[size_t(k) * n + i] = x[i * d + k];
-  constexpr int64_t kBlock = 512;
 #pragma omp parallel for schedule(dynamic, 4) num_threads(num_threads()) if (worth_parallel(n * n * d / 2))
   for (int64_t i = 0; i < n; ++i) {
     if (interrupt.check(thread_id() == 0)) continue;
     double* qi = q + i * n;
     qi[i] = 0.0;
     const double* xi = xt.data() + i;  // x_ik = xi[k * n]
-    for (int64_t j0 = i + 1; j0 < n; j0 += kBlock) {
-      const int64_t j1 = std::min(n, j0 + kBlock);
-      for (int64_t j = j0; j < j1; ++j) qi[j] = 0.0;
+    auto block = [&](int64_t j0) {  // columns [j0, j0 + kBlock)
+      V s0{}, s1{}, s2{}, s3{};
       for (int64_t k = 0; k < d; ++k) {
-        const double xik = xi[size_t(k) * n];
-        const double* col = xt.data() + size_t(k) * n;
-#pragma omp simd
-        for (int64_t j = j0; j < j1; ++j) {
-          const double diff = col[j] - xik;
-          qi[j] += diff * diff;
+        const V xik = V{} + xi[size_t(k) * n];
+        const double* col = xt.data() + size_t(k) * n + j0;
+        const V d0 = load(col) - xik, d1 = load(col + L) - xik, d2 = load(col + 2 * L) - xik,
+                d3 = load(col + 3 * L) - xik;
+        s0 += d0 * d0;
+        s1 += d1 * d1;
+        s2 += d2 * d2;
+        s3 += d3 * d3;
+      }
+      store(qi + j0, s0);
+      store(qi + j0 + L, s1);
+      store(qi + j0 + 2 * L, s2);
+      store(qi + j0 + 3 * L, s3);
+    };
+    int64_t j0 = i + 1;
+    for (; j0 + kBlock <= n; j0 += kBlock) block(j0);
+    if (j0 < n && n >= kBlock) {
+      block(n - kBlock);  // the last columns: it may reach the diagonal (exactly 0) and below (rewritten by the mirror)
+    } else {
+      for (int64_t j = j0; j < n; ++j) {
+        double sum = 0.0;
+        for (int64_t k = 0; k < d; ++k) {
+          const double diff = xt[size_t(k) * n + j] - xi[size_t(k) * n];
+          sum += diff * diff;
         }
+        qi[j] = sum;
       }
     }
   }
@@ -74,28 +104,39 @@ struct PairTables {
 };
 
 // From q (n x n, double) into the n x ld tables: 1/d, h = 1/(2q) when half_inv_q is given, q itself (float32: hi
-// and, when lo is given, the remainder lo)
+// and, when lo is given, the remainder lo); a loop per table, each vectorised (the sqrt too, under -fno-math-errno)
 template <typename T>
 void pair_tables(const double* q, int64_t n, int64_t ld, T* inv_d, T* half_inv_q, T* hi, T* lo) {
   const T eps = T(kEps);
 #pragma omp parallel for schedule(static) num_threads(num_threads()) if (worth_parallel(n * n))
   for (int64_t i = 0; i < n; ++i) {
     const double* qi = q + i * n;
-    const int64_t row = i * ld;
+    T* inv = inv_d + i * ld;
+    T* h = half_inv_q ? half_inv_q + i * ld : nullptr;
+    T* root = h ? h : inv;  // d, overwritten in place below
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) {
-      const T d = T(std::sqrt(qi[j]));
-      const T inv = d > T(0) ? T(1) / std::max(d, eps) : T(0);
-      inv_d[row + j] = inv;
-      if (half_inv_q) half_inv_q[row + j] = d >= eps ? T(0.5) * inv * inv : T(0);
-      const T h = T(qi[j]);
-      hi[row + j] = h;
-      if (lo) lo[row + j] = T(qi[j] - double(h));
+    for (int64_t j = 0; j < n; ++j) root[j] = T(std::sqrt(qi[j]));
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {  // the division unconditional: GCC does not vectorise one under a condition
+      const T r = T(1) / std::max(root[j], eps);
+      inv[j] = root[j] > T(0) ? r : T(0);
+    }
+    if (h) {
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) h[j] = h[j] >= eps ? T(0.5) * inv[j] * inv[j] : T(0);
+    }
+    T* high = hi + i * ld;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) high[j] = T(qi[j]);
+    if (lo) {
+      T* low = lo + i * ld;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) low[j] = T(qi[j] - double(high[j]));
     }
     for (int64_t j = n; j < ld; ++j) {
-      inv_d[row + j] = hi[row + j] = T(0);
-      if (half_inv_q) half_inv_q[row + j] = T(0);
-      if (lo) lo[row + j] = T(0);
+      inv[j] = high[j] = T(0);
+      if (h) h[j] = T(0);
+      if (lo) lo[i * ld + j] = T(0);
     }
   }
 }
@@ -180,16 +221,6 @@ inline Vec<T> clamp_lanes(Vec<T> u) {
   const Vec<T> upper = u < one ? u : one;
   return upper > -one ? upper : -one;
 #endif
-}
-
-template <typename T>
-inline Vec<T> load(const T* p) {
-  return *reinterpret_cast<const Vec<T>*>(p);
-}
-
-template <typename T>
-inline void store(T* p, Vec<T> v) {
-  *reinterpret_cast<Vec<T>*>(p) = v;
 }
 
 // the float64 lanes of a vector's sum: float32 lanes are added in pairs after their conversion

@@ -136,7 +136,8 @@ std::tuple<at::Tensor, at::Tensor> distance_impl(const at::Tensor& s, const at::
 #pragma omp simd
     for (int64_t j = i; j < n; ++j) {
       const T d = pi[j];
-      const T dq = d > dmin ? T(0.5) / d : T(0);
+      const T half_inv = T(0.5) / std::max(d, dmin);  // unconditional: GCC vectorises no division under a condition
+      const T dq = d > dmin ? half_inv : T(0);
       pi[j] = (gi[j] * a - (d > T(0) ? b : T(0))) * dq;
     }
   }
