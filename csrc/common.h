@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <limits>
 #include <tuple>
+#include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -156,6 +157,36 @@ void symmetrise_sum(T* a, int64_t n) {
   });
 }
 
+// Products of at most this many multiply-adds run here in one thread instead of at::mm: the BLAS's parallel region
+// costs more than they do (the seed's 128 x 4 Gram: 13 us in two threads, 6 in one; a serial loop, under 2).
+constexpr int64_t kSmallProduct = int64_t(1) << 18;
+
+// h x for a symmetric n x n h and x n x d (both contiguous, of type T): at::mm, or for a small product one pass over
+// the rows of h (row j is column j), vectorised over the rows of the result on its transpose
+template <typename T>
+at::Tensor symmetric_times(const at::Tensor& h, const at::Tensor& x) {
+  const int64_t n = x.size(0), d = x.size(1);
+  if (n * n * d > kSmallProduct) return at::mm(h, x);
+  const at::Tensor hc = h.contiguous(), xc = x.contiguous();
+  const T* ph = hc.data_ptr<T>();
+  const T* px = xc.data_ptr<T>();
+  std::vector<T> out_t(size_t(d) * size_t(n), T(0));
+  for (int64_t j = 0; j < n; ++j) {
+    const T* hj = ph + j * n;
+    for (int64_t k = 0; k < d; ++k) {
+      const T xjk = px[j * d + k];
+      T* o = out_t.data() + k * n;
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) o[i] += xjk * hj[i];
+    }
+  }
+  at::Tensor out = at::empty({n, d}, x.options());
+  T* po = out.data_ptr<T>();
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t k = 0; k < d; ++k) po[i * d + k] = out_t[size_t(k) * n + i];
+  return out;
+}
+
 // The gradient tail of the distance and angle losses: sum_v H_uv (x_u - x_v) for every row u, that is
 // rowsum(H) x - H x, for a symmetric n x n H (contiguous, of x's dtype) and features x (n x d).
 template <typename T>
@@ -172,14 +203,40 @@ at::Tensor weighted_differences(const at::Tensor& h, const at::Tensor& x) {
     for (int64_t j = 0; j < n; ++j) acc += hi[j];
     prow[i] = acc;
   }
-  return rowsum * x - at::mm(h, x);
+  return rowsum * x - symmetric_times<T>(h, x);
 }
 
-// The upper triangle (j >= i, diagonal included) of a a^T into the n x n matrix c; what lies below the diagonal is
-// unspecified. Large n: row stripes against the columns from the stripe on, about 2/3 of a full GEMM's time.
+// c_ij = a_i . a_j for j >= i, one thread, vectorised over j on a^T (a small product: see kSmallProduct)
+template <typename T>
+void small_gram_upper(const T* a, int64_t n, int64_t d, T* c) {
+  std::vector<T> a_t(size_t(d) * size_t(n));
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t k = 0; k < d; ++k) a_t[size_t(k) * n + i] = a[i * d + k];
+  for (int64_t i = 0; i < n; ++i) {
+    T* ci = c + i * n;
+    std::fill(ci + i, ci + n, T(0));
+    for (int64_t k = 0; k < d; ++k) {
+      const T aik = a[i * d + k];
+      const T* col = a_t.data() + k * n;
+#pragma omp simd
+      for (int64_t j = i; j < n; ++j) ci[j] += aik * col[j];
+    }
+  }
+}
+
+// The upper triangle (j >= i, diagonal included) of a a^T into the n x n matrix c (both contiguous); what lies below
+// the diagonal is unspecified. Large n: row stripes against the columns from the stripe on, about 2/3 of a full
+// GEMM's time.
 inline void gram_upper(const at::Tensor& a, at::Tensor& c) {
   const int64_t n = a.size(0);
   constexpr int64_t kStripe = 512;
+  if (n * n * a.size(1) <= 2 * kSmallProduct) {  // n^2 d / 2 multiply-adds
+    if (a.scalar_type() == at::kDouble)
+      small_gram_upper(a.data_ptr<double>(), n, a.size(1), c.data_ptr<double>());
+    else
+      small_gram_upper(a.data_ptr<float>(), n, a.size(1), c.data_ptr<float>());
+    return;
+  }
   if (n < 2 * kStripe) {
     at::mm_out(c, a, a.t());
     return;

@@ -49,6 +49,18 @@ def test_parity_large_batch_striped_gram(relation, kind):
     check_parity(relation, cpp, make_features(1100, 31, kind, seed=52), make_features(1100, 6, seed=53))
 
 
+@pytest.mark.parametrize(
+    "relation,n,d",
+    [(r, n, d) for r in ("distance", "fidelity") for n, d in ((128, 16), (150, 12), (300, 8))]
+    + [("angle", 128, 16), ("angle", 150, 12)],
+)
+def test_parity_either_side_of_the_small_product_path(relation, n, d):
+    # N^2 D up to common.h's kSmallProduct (2^18): the Gram and the gradient's product run in one thread, not at::mm;
+    # (128, 16) is at the threshold, (150, 12) just above it for the product (the Gram's limit is twice that), (300, 8)
+    # above both
+    check_parity(relation, cpp, make_features(n, d, "duplicates", seed=54), make_features(n, d + 3, seed=55))
+
+
 @pytest.mark.parametrize("relation", RELATIONS)
 def test_parity_both_sides_special(relation):
     s = make_features(40, 6, "duplicates", seed=7)

@@ -105,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor> fidelity_loss_impl(const at::Tensor& s, const
   at::Tensor loss_t = at::full({}, loss * inv_n2, s.options());
   if (!with_grad) return {loss_t, at::empty({0}, s.options())};
   mirror_upper(pcs, n);
-  at::Tensor grad = at::mm(cs, psi_s).mul_(2.0);
+  at::Tensor grad = symmetric_times<T>(cs, psi_s).mul_(2.0);
   normalise_rows_backward<T>(psi_s, ns, grad);
   return {loss_t, grad};
 }
