@@ -161,10 +161,10 @@ class _AngleSide:
         if self.dot:
             diff = self.x.unsqueeze(0) - self.x[rows].unsqueeze(1)  # diff[a, b] = x_b - x_a
             norm = torch.linalg.vector_norm(diff, dim=2, keepdim=True)
-            # the reference's 1 / max(|diff|, 1e-12), and 0 where the points coincide (a NaN norm stays NaN)
-            inv_norm = norm.clamp(min=EPS).reciprocal_().mul_(norm > 0)
-            unit = diff.mul_(inv_norm)
-            return torch.bmm(unit, unit.transpose(1, 2)), (unit, inv_norm, norm)
+            # the reference's diff / max(|diff|, 1e-12) (0 where the points coincide; a NaN stays NaN), a division as
+            # there: a one-dimensional unit is then exactly +-1, and its gradient's projection cancels exactly
+            unit = diff.div_(norm.clamp(min=EPS))
+            return torch.bmm(unit, unit.transpose(1, 2)), (unit, norm)
         q, h = self.sq_dist, self.half_inv_dist
         qa, ha = q[rows], h[rows]
         r = ha.unsqueeze(2) * ha.unsqueeze(1)  # 1 / (2 d_ab d_ac), 0 where either is 0
@@ -205,7 +205,8 @@ def angle_pass(student, teacher, want_grad, anchor_start=0, anchor_stop=None, wo
             total += u.sub_(g, alpha=0.5).mul_(g).sum().double()
         # g = d smooth_l1(u) / du, u = A_s - A_t: symmetric in b, c
         if s_side.dot:
-            unit, inv_norm, norm = aux
+            unit, norm = aux
+            inv_norm = norm.clamp(min=EPS).reciprocal_().mul_(norm > 0)  # 0 where the points coincide: no gradient
             # A = U U^T per anchor: dL/dU = 2 g U; through U = diff / |diff|: (dU - U (U . dU)) / |diff| (below the
             # 1e-12 clamp U = diff / 1e-12: no projection)
             d_unit = torch.bmm(g, unit).mul_(2.0)
