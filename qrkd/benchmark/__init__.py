@@ -20,8 +20,10 @@ materialising angle references), the larger sizes of that series are recorded wi
 "predicted": true instead of being run. The implementations of one case run one after the other (their order rotates
 from case to case), so slow drifts of the machine hit all of them alike.
 
-Timing: two warm-up calls (torch.compile compiles, Triton JIT-compiles during the first), then timed calls until the
-sample target is met; calls faster than a few milliseconds are timed in loops; on a GPU each sample is synchronised.
+Timing: warm-up calls (torch.compile compiles, Triton JIT-compiles during the first; then up to five more, within half
+the sample target, since an op's first few calls can each be several times slower than the rest), then timed calls
+until the sample target is met; calls faster than a few milliseconds are timed in loops, as many per sample as the
+fastest warm-up call says; on a GPU each sample is synchronised.
 Slow calls (over `slow_s`) are not repeated for nothing: the second warm-up is a sample, and so is the first unless it
 took over 1.5 times as long (a compilation or a lazy initialisation); torch.compile gets extra time for compiling.
 Peak memory: on the CPU the child's peak resident set size (VmHWM, reset through /proc/self/clear_refs just
