@@ -14,3 +14,28 @@ def test_angle_values_match_the_seed_formula_on_degenerate_triplets():
     angles = reference.triplet_angles(x).view(3, 3, 3)
     assert angles[0, 1, 2].item() == pytest.approx(1.0)
     assert angles[1, 2, 0].item() == 0.0 and angles[1, 1, 0].item() == 0.0
+
+
+def test_fidelity_symmetric_gram_path(monkeypatch):
+    # large N^2 D takes _SymmetricGram (one product in the backward instead of two); here at a small size, with the
+    # reference beside it: the matrix and the loss, their gradients, the double backward and vmap
+    from qrkd.backends import pure_torch
+
+    monkeypatch.setattr(pure_torch, "_SYMMETRIC_GRAM_MIN", 0)
+    g = torch.Generator().manual_seed(60)
+    x, t = torch.randn(9, 5, generator=g, dtype=torch.float64), torch.randn(9, 5, generator=g, dtype=torch.float64)
+    x[3] = 0.0  # a zero row: psi = 0, no gradient
+    w = torch.randn(9, 9, generator=g, dtype=torch.float64)  # not symmetric: the backward's G + G^T matters
+    for fn, ref in ((lambda y: (pure_torch.fidelity_kernel_matrix(y) * w).sum(),
+                     lambda y: (reference.fidelity_kernel_matrix(y) * w).sum()),
+                    (lambda y: pure_torch.fidelity_kernel_loss(y, t), lambda y: reference.fidelity_kernel_loss(y, t))):
+        y, y_ref = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        (got,) = torch.autograd.grad(fn(y), y)
+        (want,) = torch.autograd.grad(ref(y_ref), y_ref)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    y = torch.randn(9, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda z: (pure_torch.fidelity_kernel_matrix(z) * w).sum(), (y,))
+    assert torch.autograd.gradgradcheck(lambda z: (pure_torch.fidelity_kernel_matrix(z) * w).sum(), (y,))
+    batch = torch.randn(3, 9, 5, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(torch.func.vmap(pure_torch.fidelity_kernel_matrix)(batch),
+                               torch.stack([reference.fidelity_kernel_matrix(b) for b in batch]), rtol=1e-12, atol=0)

@@ -275,30 +275,54 @@ def rkd_angle_loss(student, teacher, anchor_start=0, anchor_stop=None):
 
 
 # ----------------------------------------------------------------------------------------------- fidelity (classical)
-# The reference's formula is O(N^2) already; at the seed's N = 128 the number of ops is its cost, so these take fewer.
+# The reference's formula is O(N^2) already; at small N the number of ops is its cost and at large N its GEMMs and
+# N x N temporaries, so these take fewer of each.
 
 
-def _normalised_gram(x):
-    """psi psi^T with psi_i = x_i / max(|x_i|, 1e-12)."""
-    psi = x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(EPS)
-    return psi @ psi.t()
+class _SymmetricGram(torch.autograd.Function):
+    """psi psi^T, whose backward is one product, (G + G^T) psi, where autograd's takes one per operand. The backward
+    is torch ops on the saved input: differentiable again (double backward), and vmap derives its rule."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(psi):
+        return psi @ psi.transpose(-1, -2)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (psi,) = ctx.saved_tensors
+        return (grad + grad.transpose(-1, -2)) @ psi
+
+
+def _unit_rows(x):
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(EPS)
+
+
+# from this many multiply-adds (N^2 D) on, the GEMM saved by _SymmetricGram's backward outweighs its Python overhead
+_SYMMETRIC_GRAM_MIN = 1 << 22
 
 
 def fidelity_kernel_matrix(x):
-    """K_ij = (psi_i . psi_j)^2."""
-    return _normalised_gram(x).square()
+    """K_ij = (psi_i . psi_j)^2 with psi_i = x_i / max(|x_i|, 1e-12)."""
+    psi = _unit_rows(x)
+    n, width = x.shape[-2:]
+    gram = _SymmetricGram.apply(psi) if n * n * width >= _SYMMETRIC_GRAM_MIN else psi @ psi.transpose(-1, -2)
+    return gram.square()
 
 
 def fidelity_kernel_loss(student, teacher):
+    with torch.no_grad():
+        psi_t = _unit_rows(teacher)
+        k_t = (psi_t @ psi_t.t()).square_()
     if torch.is_grad_enabled() and student.requires_grad:
-        with torch.no_grad():
-            k_t = _normalised_gram(teacher).square_()
         return F.smooth_l1_loss(fidelity_kernel_matrix(student), k_t)
-    # no gradient wanted: both sides in one batched pass
-    x = torch.stack((student, teacher))
-    psi = x / torch.linalg.vector_norm(x, dim=2, keepdim=True).clamp_min(EPS)
-    k = torch.bmm(psi, psi.transpose(1, 2)).square_()
-    return F.smooth_l1_loss(k[0], k[1])
+    psi_s = _unit_rows(student)
+    return F.smooth_l1_loss((psi_s @ psi_s.t()).square_(), k_t)
 
 
 # ------------------------------------------------------------------------------------------------ photonic fidelity
