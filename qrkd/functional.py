@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 from . import backends
-from .backends import reference
 
 _UPCAST = (torch.float16, torch.bfloat16)
 
@@ -69,25 +68,14 @@ def kd_loss(student_logits, teacher_logits, temperature: float = 4.0, alpha: flo
     return alpha * temperature**2 * F.kl_div(log_p_s, p_t, reduction="batchmean")
 
 
-def _centred(x):
-    return x - x.mean(dim=0, keepdim=True)
-
-
-def _centred_pair(impl, student, teacher):
-    """Distances are translation invariant: the fast backends get features centred on the batch mean, so that their
-    Gram formulas do not cancel on features with a large common offset (ReLU outputs).
-    The centring is part of the autograd graph, so the student gradient stays exact. The reference keeps the seed's
-    formula on the raw features."""
-    if impl is reference:
-        return student, teacher
-    return _centred(student), _centred(teacher)
-
-
 def rkd_distance_loss(student, teacher, *, zero_diagonal: bool = False, backend: str = "auto"):
-    """RKD distance loss (DESIGN.md 3.2). zero_diagonal=False is the seed's convention, True the original RKD one."""
+    """RKD distance loss (DESIGN.md 3.2). zero_diagonal=False is the seed's convention, True the original RKD one.
+
+    Neither this nor rkd_angle_loss centres the features: every fast backend is translation invariant by construction
+    (squared distances from differences or from a Gram of features it centres itself, gradient tails on centred
+    features), so that features with a large common offset (ReLU outputs) do not cancel."""
     student, teacher = _prepare_pair(student, teacher)
     impl = backends.resolve(backend, "rkd_distance_loss", student)
-    student, teacher = _centred_pair(impl, student, teacher)
     return impl.rkd_distance_loss(student, teacher, bool(zero_diagonal))
 
 
@@ -130,8 +118,6 @@ def rkd_angle_loss(student, teacher, *, backend: str = "auto", anchors=None):
         raise ValueError(f"anchors must be a pair of ints (start, stop) with 0 <= start <= stop <= N={n}, got {anchors!r}")
     impl = backends.resolve(backend, "rkd_angle_loss", student)
     _warn_angle_cost(n, start, stop)
-    # no _centred_pair: every backend forms the angle's squared distances from differences and centres its own
-    # gradient tail, in its working precision (centring here would cost the seed's forward+backward ~55 us and round)
     if (start, stop) == (0, n):
         return impl.rkd_angle_loss(student, teacher)
     return impl.rkd_angle_loss(student, teacher, start, stop)
