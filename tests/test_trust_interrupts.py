@@ -102,10 +102,11 @@ for i, phase in enumerate(phases):
 
 # kind:N[:photons] (10 photons by default). Uninterrupted, the forward phases run for a minute or more. A backward
 # phase first runs its forward (seconds): the cpp angle op has no separate backward (its forward computes the gradient
-# when the student requires one, as here); the cpp photonic backward costs about 12 forwards, the torch one about 5,
-# the torch angle backward about 1.6, so that phase runs for only a few times DEADLINE_S on an idle machine.
+# when the student requires one, as here); the cpp photonic backward costs about 4 forwards, the torch one about 5,
+# so that phase runs for only a few times DEADLINE_S on an idle machine: at N = 700 the cpp backward took 0.8 s on a
+# Zen 4 core pair and finished before the signal (sent 1 s after "started"); N = 2000 has 8x the pairs.
 PHASES = {
-    "cpp": ["angle:4000", "photonic:3000", "photonic_backward:700"],
+    "cpp": ["angle:4000", "photonic:3000", "photonic_backward:2000"],
     "torch": ["angle:1600", "photonic:600", "photonic_backward:800:5"],  # angle: the gradient comes with the forward
 }
 
