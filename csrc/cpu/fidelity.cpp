@@ -124,7 +124,7 @@ at::Tensor fidelity_matrix_backward_impl(const at::Tensor& grad_k, const at::Ten
   at::Tensor c = at::mm(psi, psi.t());
   // dL/dC = 2 grad_K * C; dpsi = (W + W^T) psi
   at::Tensor w = grad_k.mul(c).mul_(2.0);
-  at::Tensor grad = at::mm(w.add(w.t()), psi);
+  at::Tensor grad = symmetric_times<T>(w.add(w.t()), psi);
   normalise_rows_backward<T>(psi, norms, grad);
   return grad;
 }

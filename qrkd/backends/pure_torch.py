@@ -315,14 +315,18 @@ def fidelity_kernel_matrix(x):
     return gram.square()
 
 
+def _kernel_without_grad(x):
+    """fidelity_kernel_matrix(x) with its square in place (no graph to keep the Gram for)."""
+    psi = _unit_rows(x)
+    return (psi @ psi.t()).square_()
+
+
 def fidelity_kernel_loss(student, teacher):
     with torch.no_grad():
-        psi_t = _unit_rows(teacher)
-        k_t = (psi_t @ psi_t.t()).square_()
+        k_t = _kernel_without_grad(teacher)
     if torch.is_grad_enabled() and student.requires_grad:
         return F.smooth_l1_loss(fidelity_kernel_matrix(student), k_t)
-    psi_s = _unit_rows(student)
-    return F.smooth_l1_loss((psi_s @ psi_s.t()).square_(), k_t)
+    return F.smooth_l1_loss(_kernel_without_grad(student), k_t)
 
 
 # ------------------------------------------------------------------------------------------------ photonic fidelity
