@@ -39,3 +39,45 @@ def test_fidelity_symmetric_gram_path(monkeypatch):
     batch = torch.randn(3, 9, 5, generator=g, dtype=torch.float64)
     torch.testing.assert_close(torch.func.vmap(pure_torch.fidelity_kernel_matrix)(batch),
                                torch.stack([reference.fidelity_kernel_matrix(b) for b in batch]), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("block_elements", [1 << 18, 60, 2])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fidelity_loss_upper_triangle_blocks(monkeypatch, block_elements, dtype):
+    # the loss's pass forms the upper triangle in blocks of rows (from N = 363 on at the default size); a small block
+    # size takes it here, at odd N, with a zero row and duplicate rows: the value with and without gradient, the
+    # gradient, the double backward (the formula differentiated again) and torch.func against the reference
+    from qrkd.backends import pure_torch
+
+    monkeypatch.setattr(pure_torch, "_FIDELITY_BLOCK_ELEMENTS", block_elements)
+    g = torch.Generator().manual_seed(61)
+    x, t = torch.randn(11, 4, generator=g, dtype=torch.float64), torch.randn(11, 4, generator=g, dtype=torch.float64)
+    x[3] = 0.0
+    x[7] = x[5]
+    t[2] = t[9]
+    x, t = x.to(dtype), t.to(dtype)
+    tol = dict(rtol=1e-12, atol=1e-15) if dtype == torch.float64 else dict(rtol=2e-5, atol=1e-7)
+    y, y_ref = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    got, want = pure_torch.fidelity_kernel_loss(y, t), reference.fidelity_kernel_loss(y_ref, t)
+    torch.testing.assert_close(got, want, **tol)
+    with torch.no_grad():
+        torch.testing.assert_close(pure_torch.fidelity_kernel_loss(x, t), want.detach(), **tol)
+    (grad,), (grad_ref,) = torch.autograd.grad(got, y), torch.autograd.grad(want, y_ref)
+    scale = grad_ref.abs().max().item()
+    torch.testing.assert_close(grad, grad_ref, rtol=tol["rtol"], atol=tol["rtol"] * scale)
+    if dtype != torch.float64:
+        return
+    torch.testing.assert_close(torch.func.grad(lambda z: pure_torch.fidelity_kernel_loss(z, t))(x), grad_ref,
+                               rtol=1e-12, atol=1e-15)
+    v = torch.randn(11, 4, generator=g, dtype=dtype)
+    hvps = []
+    for fn in (pure_torch.fidelity_kernel_loss, reference.fidelity_kernel_loss):
+        z = x.clone().requires_grad_(True)
+        (dz,) = torch.autograd.grad(fn(z, t), z, create_graph=True)
+        hvps.append(torch.autograd.grad((dz * v).sum(), z)[0])
+    # the zero row's second derivative is NaN in both (that of |x| at 0); every other row's is a number
+    assert int(torch.isfinite(hvps[1]).sum()) == 40
+    torch.testing.assert_close(hvps[0], hvps[1], rtol=1e-10, atol=1e-12, equal_nan=True)
+    x[3] = torch.randn(4, generator=g, dtype=dtype)  # gradcheck's finite differences need |x| away from 0
+    assert torch.autograd.gradcheck(lambda z: pure_torch.fidelity_kernel_loss(z, t), (x.clone().requires_grad_(True),))
+    assert torch.autograd.gradgradcheck(lambda z: pure_torch.fidelity_kernel_loss(z, t), (x.clone().requires_grad_(True),))

@@ -5,11 +5,13 @@ of unit difference vectors (a batched matmul, narrow features) or by the law of 
 (wide features; DESIGN.md 3.3). When the loss will be differentiated, the same pass also forms the student gradient
 (N x D, kept for backward), so forward+backward walks the triplets once; otherwise backward recomputes. The distance
 loss sums small batches' squared distances from differences, larger ones from the Gram matrix with the cancelling
-pairs refined. Every long loop works in chunks of a few million elements, so that Python's Ctrl-C handler runs
-between them.
+pairs refined. The classical fidelity loss forms the upper triangle of its symmetric kernels in blocks of rows, with
+the student gradient in the same pass when it will be needed. Every long loop works in chunks of a few million
+elements, so that Python's Ctrl-C handler runs between them.
 
-Double backward: the distance and classical fidelity losses are plain torch and the photonic backward recomputes under
-autograd, so all three differentiate twice; the angle backward (chunked, in place) refuses with a clear error.
+Double backward: the distance loss is plain torch, the fidelity loss's backward under create_graph=True and the
+photonic backward recompute their formulas under autograd, so all three differentiate twice; the angle backward
+(chunked, in place) refuses with a clear error.
 """
 
 import torch
@@ -315,18 +317,104 @@ def fidelity_kernel_matrix(x):
     return gram.square()
 
 
-def _kernel_without_grad(x):
-    """fidelity_kernel_matrix(x) with its square in place (no graph to keep the Gram for)."""
-    psi = _unit_rows(x)
-    return (psi @ psi.t()).square_()
+def _fidelity_loss_graph(student, teacher):
+    """The loss as differentiable torch ops (the route of torch.func transforms and of double backward)."""
+    with torch.no_grad():
+        psi_t = _unit_rows(teacher)
+        k_t = (psi_t @ psi_t.t()).square_()
+    return F.smooth_l1_loss(fidelity_kernel_matrix(student), k_t)
+
+
+# Gram entries (student and teacher together) of one block of rows of the loss's pass: 1 MiB of float32 per
+# temporary, which glibc hands back from its heap block after block instead of mapping fresh pages
+_FIDELITY_BLOCK_ELEMENTS = 1 << 18
+
+
+def fidelity_pass(student, teacher, want_grad):
+    """(loss, dloss/dstudent or None) of the loss: the mean over the N^2 ordered pairs of smooth_l1(K_s - K_t). K is
+    symmetric, so from N = 363 on (2 N^2 > _FIDELITY_BLOCK_ELEMENTS) the pass forms its upper triangle only, in blocks
+    of rows i0:i1 against the columns i0:N (their sums added in float64): a block counts twice but for its own diagonal
+    square, which counts once. With want_grad the same pass forms the gradient: dS/dpsi_u = 4 sum_v g_uv G_uv psi_v for
+    the sum S (g = clamp(K_s - K_t, -1, 1), G the student Gram), each block's product adding its rows' terms and,
+    transposed, its columns' beyond the square."""
+    n = student.shape[0]
+    x = torch.stack((student, teacher))  # the common width (the public loss cuts both sides to it)
+    norm = torch.linalg.vector_norm(x, dim=2, keepdim=True)
+    psi = x.div_(norm.clamp(min=EPS))
+    psi_s = psi[0]
+    d_psi = None
+    i0 = 0
+    while i0 < n:
+        i1 = min(n, i0 + max(1, _FIDELITY_BLOCK_ELEMENTS // (2 * (n - i0))))
+        whole = i1 - i0 == n
+        gram = torch.bmm(psi, psi.transpose(1, 2)) if whole else torch.bmm(psi[:, i0:i1], psi[:, i0:].transpose(1, 2))
+        if not want_grad:
+            k_s, k_t = gram.square_().unbind()
+            part = F.huber_loss(k_s, k_t, reduction="sum", delta=1.0)
+            if not whole:
+                square = F.huber_loss(k_s[:, : i1 - i0], k_t[:, : i1 - i0], reduction="sum", delta=1.0)
+                part = 2.0 * part.double() - square.double()
+        else:
+            k_s, k_t = gram.square().unbind()
+            u = torch.sub(k_s, k_t, out=k_t)
+            g = torch.clamp(u, -1.0, 1.0, out=k_s)
+            f = u.sub_(g, alpha=0.5).mul_(g)  # smooth_l1(u) = g (u - g / 2)
+            part = f.sum()
+            w = g.mul_(gram[0])
+            if whole:
+                d_psi = w @ psi_s
+            else:
+                part = 2.0 * part.double() - f[:, : i1 - i0].sum().double()
+                if d_psi is None:
+                    d_psi = torch.zeros_like(psi_s)
+                d_psi[i0:i1] += w @ psi_s[i0:]
+                if i1 < n:
+                    d_psi[i1:] += w[:, i1 - i0 :].t() @ psi_s[i0:i1]
+        total = part if i0 == 0 else total + part
+        i0 = i1
+    pairs = float(n) ** 2
+    loss = (total / pairs).to(student.dtype)
+    if not want_grad:
+        return loss, None
+    # through psi = x / max(|x|, 1e-12): (dpsi - psi (psi . dpsi)) / |x|; below the clamp dpsi / 1e-12, no projection
+    norm_s = norm[0]
+    d_psi.mul_(4.0 / pairs)
+    along = (psi_s * d_psi).sum(dim=1, keepdim=True).mul_(norm_s > EPS)
+    return loss, d_psi.sub_(psi_s * along).div_(norm_s.clamp(min=EPS))
+
+
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+
+class _FidelityLoss(torch.autograd.Function):
+    """The loss with the student gradient formed in the same pass (no N x N tensor kept for backward). A backward
+    under create_graph=True differentiates the formula again instead, so that double backward stays exact. torch.func
+    transforms take that formula from the start, which lets this Function keep the ctx-in-forward form: it costs about
+    6 us a call where setup_context's signature binding costs 23."""
+
+    @staticmethod
+    def forward(ctx, student, teacher):
+        loss, ctx.grad = fidelity_pass(student, teacher, True)
+        ctx.save_for_backward(student, teacher)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if torch.is_grad_enabled():  # create_graph=True
+            student, teacher = ctx.saved_tensors
+            with torch.enable_grad():
+                (grad,) = torch.autograd.grad(_fidelity_loss_graph(student, teacher), student, grad_output,
+                                              create_graph=True)
+            return grad, None
+        return ctx.grad * grad_output, None
 
 
 def fidelity_kernel_loss(student, teacher):
-    with torch.no_grad():
-        k_t = _kernel_without_grad(teacher)
+    if _functorch_active():
+        return _fidelity_loss_graph(student, teacher)
     if torch.is_grad_enabled() and student.requires_grad:
-        return F.smooth_l1_loss(fidelity_kernel_matrix(student), k_t)
-    return F.smooth_l1_loss(_kernel_without_grad(student), k_t)
+        return _FidelityLoss.apply(student, teacher)
+    return fidelity_pass(student, teacher, False)[0]
 
 
 # ------------------------------------------------------------------------------------------------ photonic fidelity
