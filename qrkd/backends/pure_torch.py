@@ -5,13 +5,13 @@ of unit difference vectors (a batched matmul, narrow features) or by the law of 
 (wide features; DESIGN.md 3.3). When the loss will be differentiated, the same pass also forms the student gradient
 (N x D, kept for backward), so forward+backward walks the triplets once; otherwise backward recomputes. The distance
 loss sums small batches' squared distances from differences, larger ones from the Gram matrix with the cancelling
-pairs refined. The classical fidelity loss forms the upper triangle of its symmetric kernels in blocks of rows, with
+pairs refined, and forms its student gradient by hand in the forward. The classical fidelity loss forms the upper triangle of its symmetric kernels in blocks of rows, with
 the student gradient in the same pass when it will be needed. Every long loop works in chunks of a few million
 elements, so that Python's Ctrl-C handler runs between them.
 
-Double backward: the distance loss is plain torch, the fidelity loss's backward under create_graph=True and the
-photonic backward recompute their formulas under autograd, so all three differentiate twice; the angle backward
-(chunked, in place) refuses with a clear error.
+Double backward: the distance and fidelity losses' backward under create_graph=True and the photonic backward
+recompute their formulas under autograd, so all three differentiate twice (torch.func transforms take those formulas
+from the start); the angle backward (chunked, in place) refuses with a clear error.
 """
 
 import torch
@@ -74,11 +74,10 @@ def squared_distances_gram(x):
 def _refinement(xc, q, norms):
     """None when no pair i < j has q_ij < _GRAM_REFINE (|x_i|^2 + |x_j|^2); else 0 except at those pairs: there (and at
     j, i), the sum of squared differences minus q_ij (minus q_ji)."""
-    i, j = torch.nonzero(q < _GRAM_REFINE * norms, as_tuple=True)
-    upper = i < j  # the diagonal always qualifies (0 < norms): it stays exactly 0
-    i, j = i[upper], j[upper]
-    if len(i) == 0:
+    cancels = torch.lt(q, norms * _GRAM_REFINE).triu_(1)  # the diagonal always qualifies: it stays exactly 0
+    if not cancels.any():  # the usual case, in four cheap ops
         return None
+    i, j = torch.nonzero(cancels, as_tuple=True)
     fix = torch.zeros_like(q)
     step = max(1, _CHUNK_ELEMENTS // xc.shape[1])
     for start in range(0, len(i), step):
@@ -104,10 +103,76 @@ def normalised_distances(x, zero_diagonal):
     return d / mu
 
 
-def rkd_distance_loss(student, teacher, zero_diagonal=False):
+def _distance_loss_graph(student, teacher, zero_diagonal):
+    """The loss as differentiable torch ops (without gradient, under torch.func transforms and in double backward)."""
     with torch.no_grad():
         t = normalised_distances(teacher, zero_diagonal)
     return F.smooth_l1_loss(normalised_distances(student, zero_diagonal), t)
+
+
+def distance_loss_and_grad(student, teacher, zero_diagonal):
+    """The loss and its student gradient, the gradient by hand instead of through autograd's dozen nodes a side:
+    with nd = d / mu and g = clamp(nd - nd_t, -1, 1) / N^2, dL/dd = g / mu - (sum g d / mu^2) dmu/dd, where dmu/dd is
+    1 / N^2 (every entry counts in the mean) or, under zero_diagonal, 1 / count on the positive entries; through
+    d = sqrt(max(q, 1e-12)): dL/dq = dL/dd / (2 d) where q >= 1e-12, 0 elsewhere (the diagonal)."""
+    with torch.no_grad():
+        nd_t = normalised_distances(teacher, zero_diagonal)
+        n = student.shape[0]
+        q = squared_distances(student)
+        d = q.clamp(min=EPS).sqrt_()
+        if zero_diagonal:
+            d.diagonal().mul_(0.0)
+            positive = d > 0
+            count = positive.sum()
+            if count == 0:
+                return F.smooth_l1_loss(d * 0.0, nd_t), torch.zeros_like(student)
+            mu = torch.where(positive, d, torch.zeros_like(d)).sum() / count + EPS
+            d_mu = positive.to(d.dtype).div_(count)
+        else:
+            mu = d.mean() + EPS
+            d_mu = 1.0 / float(n) ** 2
+        nd = d / mu
+        loss = F.smooth_l1_loss(nd, nd_t)
+        g = torch.sub(nd, nd_t, out=nd_t).clamp_(-1.0, 1.0).div_(float(n) ** 2)
+        weighted = (g * d).sum() / mu.square()
+        d_d = g.div_(mu).sub_(weighted * d_mu)
+        two_d = d.mul_(2.0)
+        if zero_diagonal:
+            two_d.diagonal().fill_(1.0)  # d_ii = 0 there; the mask below zeroes the diagonal's term
+        d_q = d_d.div_(two_d).mul_(q >= EPS)
+        return loss, grad_from_pair_grad(student, d_q)
+
+
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+
+class _DistanceLoss(torch.autograd.Function):
+    """The loss with its student gradient formed in the forward (backward scales it). A backward under
+    create_graph=True differentiates the formula again, so that double backward stays exact; torch.func transforms
+    take the formula from the start, which lets this Function keep the ctx-in-forward form (no signature binding)."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, zero_diagonal):
+        loss, ctx.grad = distance_loss_and_grad(student, teacher, zero_diagonal)
+        ctx.zero_diagonal = zero_diagonal
+        ctx.save_for_backward(student, teacher)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if torch.is_grad_enabled():  # create_graph=True
+            student, teacher = ctx.saved_tensors
+            with torch.enable_grad():
+                loss = _distance_loss_graph(student, teacher, ctx.zero_diagonal)
+                (grad,) = torch.autograd.grad(loss, student, grad_output, create_graph=True)
+            return grad, None, None
+        return ctx.grad * grad_output, None, None
+
+
+def rkd_distance_loss(student, teacher, zero_diagonal=False):
+    if _functorch_active() or not (torch.is_grad_enabled() and student.requires_grad):
+        return _distance_loss_graph(student, teacher, zero_diagonal)
+    return _DistanceLoss.apply(student, teacher, zero_diagonal)
 
 
 # ------------------------------------------------------------------------------------------------------------- angle
@@ -381,9 +446,6 @@ def fidelity_pass(student, teacher, want_grad):
     d_psi.mul_(4.0 / pairs)
     along = (psi_s * d_psi).sum(dim=1, keepdim=True).mul_(norm_s > EPS)
     return loss, d_psi.sub_(psi_s * along).div_(norm_s.clamp(min=EPS))
-
-
-_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
 class _FidelityLoss(torch.autograd.Function):
