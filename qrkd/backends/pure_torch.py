@@ -398,8 +398,8 @@ _FIDELITY_BLOCK_ELEMENTS = 1 << 18
 def fidelity_pass(student, teacher, want_grad):
     """(loss, dloss/dstudent or None) of the loss: the mean over the N^2 ordered pairs of smooth_l1(K_s - K_t). K is
     symmetric, so from N = 363 on (2 N^2 > _FIDELITY_BLOCK_ELEMENTS) the pass forms its upper triangle only, in blocks
-    of rows i0:i1 against the columns i0:N (their sums added in float64): a block counts twice but for its own diagonal
-    square, which counts once. With want_grad the same pass forms the gradient: dS/dpsi_u = 4 sum_v g_uv G_uv psi_v for
+    of rows i0:i1 against the columns i0:N (their sums added in float64): a block's diagonal square counts once, the
+    rest of it twice. With want_grad the same pass forms the gradient: dS/dpsi_u = 4 sum_v g_uv G_uv psi_v for
     the sum S (g = clamp(K_s - K_t, -1, 1), G the student Gram), each block's product adding its rows' terms and,
     transposed, its columns' beyond the square."""
     n = student.shape[0]
@@ -415,21 +415,23 @@ def fidelity_pass(student, teacher, want_grad):
         gram = torch.bmm(psi, psi.transpose(1, 2)) if whole else torch.bmm(psi[:, i0:i1], psi[:, i0:].transpose(1, 2))
         if not want_grad:
             k_s, k_t = gram.square_().unbind()
-            part = F.huber_loss(k_s, k_t, reduction="sum", delta=1.0)
-            if not whole:
+            if whole:
+                part = F.huber_loss(k_s, k_t, reduction="sum", delta=1.0)
+            else:
                 square = F.huber_loss(k_s[:, : i1 - i0], k_t[:, : i1 - i0], reduction="sum", delta=1.0)
-                part = 2.0 * part.double() - square.double()
+                rest = F.huber_loss(k_s[:, i1 - i0 :], k_t[:, i1 - i0 :], reduction="sum", delta=1.0)
+                part = square.double() + 2.0 * rest.double()
         else:
             k_s, k_t = gram.square().unbind()
             u = torch.sub(k_s, k_t, out=k_t)
             g = torch.clamp(u, -1.0, 1.0, out=k_s)
             f = u.sub_(g, alpha=0.5).mul_(g)  # smooth_l1(u) = g (u - g / 2)
-            part = f.sum()
             w = g.mul_(gram[0])
             if whole:
+                part = f.sum()
                 d_psi = w @ psi_s
             else:
-                part = 2.0 * part.double() - f[:, : i1 - i0].sum().double()
+                part = f[:, : i1 - i0].sum().double() + 2.0 * f[:, i1 - i0 :].sum().double()
                 if d_psi is None:
                     d_psi = torch.zeros_like(psi_s)
                 d_psi[i0:i1] += w @ psi_s[i0:]
