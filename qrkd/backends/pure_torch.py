@@ -5,9 +5,9 @@ of unit difference vectors (a batched matmul, narrow features) or by the law of 
 (wide features; DESIGN.md 3.3). When the loss will be differentiated, the same pass also forms the student gradient
 (N x D, kept for backward), so forward+backward walks the triplets once; otherwise backward recomputes. The distance
 loss sums small batches' squared distances from differences, larger ones from the Gram matrix with the cancelling
-pairs refined, and forms its student gradient by hand in the forward. The classical fidelity loss forms the upper triangle of its symmetric kernels in blocks of rows, with
-the student gradient in the same pass when it will be needed. Every long loop works in chunks of a few million
-elements, so that Python's Ctrl-C handler runs between them.
+pairs refined, and forms its student gradient by hand in the forward. The classical fidelity loss forms the upper
+triangle of its symmetric kernels in blocks of rows, with the student gradient in the same pass when it will be needed.
+Every long loop works in chunks of a few million elements, so that Python's Ctrl-C handler runs between them.
 
 Double backward: the distance and fidelity losses' backward under create_graph=True and the photonic backward
 recompute their formulas under autograd, so all three differentiate twice (torch.func transforms take those formulas
@@ -73,8 +73,8 @@ def squared_distances_gram(x):
 @torch.no_grad()
 def _refinement(xc, q, norms):
     """None when no pair i < j has q_ij < _GRAM_REFINE (|x_i|^2 + |x_j|^2); else 0 except at those pairs: there (and at
-    j, i), the sum of squared differences minus q_ij (minus q_ji)."""
-    cancels = torch.lt(q, norms * _GRAM_REFINE).triu_(1)  # the diagonal always qualifies: it stays exactly 0
+    j, i), the sum of squared differences minus q_ij (minus q_ji). Overwrites norms (its caller is done with them)."""
+    cancels = torch.lt(q, norms.mul_(_GRAM_REFINE)).triu_(1)  # the diagonal always qualifies: it stays exactly 0
     if not cancels.any():  # the usual case, in four cheap ops
         return None
     i, j = torch.nonzero(cancels, as_tuple=True)
@@ -89,7 +89,13 @@ def _refinement(xc, q, norms):
 
 
 def normalised_distances(x, zero_diagonal):
-    d = squared_distances(x).clamp(min=EPS).sqrt()
+    q = squared_distances(x)
+    if not q.requires_grad:  # no graph to keep: in place, two N x N temporaries fewer for the allocator to fault in
+        d = q.clamp_(min=EPS).sqrt_()
+        if not zero_diagonal:
+            return d.div_(d.mean() + EPS)
+    else:
+        d = q.clamp(min=EPS).sqrt()
     if not zero_diagonal:
         # every entry is >= 1e-6 > 0 (or NaN, and then so is the loss): the mean of the positive ones is the mean
         return d / (d.mean() + EPS)
