@@ -422,14 +422,11 @@ def fidelity_pass(student, teacher, want_grad):
         i1 = min(n, i0 + max(1, _FIDELITY_BLOCK_ELEMENTS // (2 * (n - i0))))
         whole = i1 - i0 == n
         gram = torch.bmm(psi, psi.transpose(1, 2)) if whole else torch.bmm(psi[:, i0:i1], psi[:, i0:].transpose(1, 2))
-        if not want_grad:
+        if not want_grad:  # (the whole matrices returned above)
             k_s, k_t = gram.square_().unbind()
-            if whole:
-                part = F.huber_loss(k_s, k_t, reduction="sum", delta=1.0)
-            else:
-                square = F.huber_loss(k_s[:, : i1 - i0], k_t[:, : i1 - i0], reduction="sum", delta=1.0)
-                rest = F.huber_loss(k_s[:, i1 - i0 :], k_t[:, i1 - i0 :], reduction="sum", delta=1.0)
-                part = square.double() + 2.0 * rest.double()
+            square = F.huber_loss(k_s[:, : i1 - i0], k_t[:, : i1 - i0], reduction="sum", delta=1.0)
+            rest = F.huber_loss(k_s[:, i1 - i0 :], k_t[:, i1 - i0 :], reduction="sum", delta=1.0)
+            part = square.double() + 2.0 * rest.double()
         else:
             k_s, k_t = gram.square().unbind()
             u = torch.sub(k_s, k_t, out=k_t)
