@@ -39,6 +39,35 @@ def supports(op, device_type, dtype):
     return dtype in (torch.float32, torch.float64)
 
 
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+
+class _LossWithGrad(torch.autograd.Function):
+    """A loss whose forward forms its student gradient too, with fused(student, teacher, *options) -> (loss, grad);
+    backward scales that gradient. Under create_graph=True backward differentiates graph(student, teacher, *options),
+    the same loss as torch ops, so that double backward stays exact. torch.func transforms call `graph` from the start,
+    which lets this Function keep the ctx-in-forward form: about 6 us a call, where setup_context's signature binding
+    costs 23."""
+
+    @staticmethod
+    def forward(ctx, fused, graph, student, teacher, *options):
+        loss, ctx.grad = fused(student, teacher, *options)
+        ctx.graph, ctx.options = graph, options
+        ctx.save_for_backward(student, teacher)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if torch.is_grad_enabled():  # create_graph=True
+            student, teacher = ctx.saved_tensors
+            with torch.enable_grad():
+                loss = ctx.graph(student, teacher, *ctx.options)
+                (grad,) = torch.autograd.grad(loss, student, grad_output, create_graph=True)
+        else:
+            grad = ctx.grad * grad_output
+        return (None, None, grad, None) + (None,) * len(ctx.options)
+
+
 # ---------------------------------------------------------------------------------------------------------- distance
 
 
@@ -149,36 +178,10 @@ def distance_loss_and_grad(student, teacher, zero_diagonal):
         return loss, grad_from_pair_grad(student, d_q)
 
 
-_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
-
-
-class _DistanceLoss(torch.autograd.Function):
-    """The loss with its student gradient formed in the forward (backward scales it). A backward under
-    create_graph=True differentiates the formula again, so that double backward stays exact; torch.func transforms
-    take the formula from the start, which lets this Function keep the ctx-in-forward form (no signature binding)."""
-
-    @staticmethod
-    def forward(ctx, student, teacher, zero_diagonal):
-        loss, ctx.grad = distance_loss_and_grad(student, teacher, zero_diagonal)
-        ctx.zero_diagonal = zero_diagonal
-        ctx.save_for_backward(student, teacher)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        if torch.is_grad_enabled():  # create_graph=True
-            student, teacher = ctx.saved_tensors
-            with torch.enable_grad():
-                loss = _distance_loss_graph(student, teacher, ctx.zero_diagonal)
-                (grad,) = torch.autograd.grad(loss, student, grad_output, create_graph=True)
-            return grad, None, None
-        return ctx.grad * grad_output, None, None
-
-
 def rkd_distance_loss(student, teacher, zero_diagonal=False):
     if _functorch_active() or not (torch.is_grad_enabled() and student.requires_grad):
         return _distance_loss_graph(student, teacher, zero_diagonal)
-    return _DistanceLoss.apply(student, teacher, zero_diagonal)
+    return _LossWithGrad.apply(distance_loss_and_grad, _distance_loss_graph, student, teacher, zero_diagonal)
 
 
 # ------------------------------------------------------------------------------------------------------------- angle
@@ -456,34 +459,15 @@ def fidelity_pass(student, teacher, want_grad):
     return loss, d_psi.sub_(psi_s * along).div_(norm_s.clamp(min=EPS))
 
 
-class _FidelityLoss(torch.autograd.Function):
-    """The loss with the student gradient formed in the same pass (no N x N tensor kept for backward). A backward
-    under create_graph=True differentiates the formula again instead, so that double backward stays exact. torch.func
-    transforms take that formula from the start, which lets this Function keep the ctx-in-forward form: it costs about
-    6 us a call where setup_context's signature binding costs 23."""
-
-    @staticmethod
-    def forward(ctx, student, teacher):
-        loss, ctx.grad = fidelity_pass(student, teacher, True)
-        ctx.save_for_backward(student, teacher)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        if torch.is_grad_enabled():  # create_graph=True
-            student, teacher = ctx.saved_tensors
-            with torch.enable_grad():
-                (grad,) = torch.autograd.grad(_fidelity_loss_graph(student, teacher), student, grad_output,
-                                              create_graph=True)
-            return grad, None
-        return ctx.grad * grad_output, None
+def _fidelity_loss_and_grad(student, teacher):
+    return fidelity_pass(student, teacher, True)
 
 
 def fidelity_kernel_loss(student, teacher):
     if _functorch_active():
         return _fidelity_loss_graph(student, teacher)
     if torch.is_grad_enabled() and student.requires_grad:
-        return _FidelityLoss.apply(student, teacher)
+        return _LossWithGrad.apply(_fidelity_loss_and_grad, _fidelity_loss_graph, student, teacher)
     return fidelity_pass(student, teacher, False)[0]
 
 
