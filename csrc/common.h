@@ -57,6 +57,16 @@ using Vec = typename VecOf<T>::type;
 template <typename T>
 constexpr int kVecLanes = 32 / int(sizeof(T));
 
+template <typename T>
+inline Vec<T> load(const T* p) {
+  return *reinterpret_cast<const Vec<T>*>(p);
+}
+
+template <typename T>
+inline void store(T* p, Vec<T> v) {
+  *reinterpret_cast<Vec<T>*>(p) = v;
+}
+
 // smooth_l1 with beta = 1 and its derivative clamp(u, -1, 1)
 template <typename T>
 inline T smooth_l1(T u) {

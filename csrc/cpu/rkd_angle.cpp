@@ -27,16 +27,6 @@
 namespace qrkd {
 namespace {
 
-template <typename T>
-inline Vec<T> load(const T* p) {
-  return *reinterpret_cast<const Vec<T>*>(p);
-}
-
-template <typename T>
-inline void store(T* p, Vec<T> v) {
-  *reinterpret_cast<Vec<T>*>(p) = v;
-}
-
 // q_ij = |x_i - x_j|^2 from differences, in double, vectorised over j on the transposed features: each block of
 // columns j sums its k terms in registers (k in order, as a scalar loop would)
 template <typename T>
@@ -151,9 +141,9 @@ inline T cosine_numerator(T q_ab, T lo_ab, T q_ac, T lo_ac, T q_bc, T lo_bc) {
   return ((far - q_bc) + near) + ((lo_ab + lo_ac) - lo_bc);
 }
 
-// a * b + c, fused for float32 where the target has FMA (without it std::fma would be a library call in the inner
-// loops); float64 keeps two roundings, as the float64 parity tests were set with (one-dimensional features, where
-// every gradient term cancels to rounding)
+// a * b + c: std::fma for float32 where the target has FMA (without it std::fma would be a library call in the inner
+// loops); for float64 the plain expression, which GCC's default -ffp-contract=fast fuses as well on an FMA target
+// (GCC 12, -O3 -march=native: one vfmadd), so two roundings only without FMA
 template <typename T>
 inline T mul_add(T a, T b, T c) {
 #ifdef __FMA__
