@@ -43,6 +43,15 @@ def fused_backward(compute, tensors, backend: str, op: str, supported=("referenc
     return _FusedBackward.apply(compute, message, *tensors)
 
 
+_transforms_active_hook = getattr(torch._C, "_are_functorch_transforms_active", None)
+
+
+def functorch_transforms_active() -> bool:
+    """Whether a torch.func transform (grad, vmap, ...) is tracing this call; True on a torch without the hook, so that
+    callers take the route that works under transforms."""
+    return _transforms_active_hook is None or _transforms_active_hook()
+
+
 def vmap_refusal(backend: str, op: str):
     """A `vmap` staticmethod for an autograd.Function: torch.func.vmap over it raises a clear error."""
 

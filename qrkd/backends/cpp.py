@@ -21,7 +21,7 @@ import os
 import torch
 
 from ..relations import TABLE
-from .autograd_limits import fused_backward, vmap_refusal
+from .autograd_limits import functorch_transforms_active, fused_backward, vmap_refusal
 
 _state = {"loaded": None, "detail": "", "cuda": False}
 
@@ -124,7 +124,6 @@ def supports(op, device_type, dtype):
 _below_autograd = getattr(torch._C, "_AutoDispatchBelowAutograd", contextlib.nullcontext)
 
 
-_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None)
 _compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
 try:
     from torch._functorch.utils import unwrap_dead_wrappers as _unwrap_dead_wrappers
@@ -137,7 +136,7 @@ def _apply(function, *args):
     forward+backward: with setup_context, Function.apply binds the arguments to forward's signature to fill in
     defaults, and these forwards have none. Under torch.func transforms and torch.compile (or a torch without these
     hooks) the full apply."""
-    if _functorch_active is None or _unwrap_dead_wrappers is None or _compiling() or _functorch_active():
+    if _unwrap_dead_wrappers is None or _compiling() or functorch_transforms_active():
         return function.apply(*args)
     return super(torch.autograd.Function, function).apply(*_unwrap_dead_wrappers(args))
 

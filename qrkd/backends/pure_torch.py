@@ -17,7 +17,7 @@ from the start); the angle backward (chunked, in place) refuses with a clear err
 import torch
 import torch.nn.functional as F
 
-from .autograd_limits import fused_backward, vmap_refusal
+from .autograd_limits import functorch_transforms_active, fused_backward, vmap_refusal
 
 EPS = 1e-12
 # elements of one anchor chunk (chunk x N x N); about a dozen such temporaries are alive at once
@@ -37,9 +37,6 @@ def supports(op, device_type, dtype):
     if op == "photonic_fidelity":
         return dtype in (torch.complex64, torch.complex128)
     return dtype in (torch.float32, torch.float64)
-
-
-_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
 class _LossWithGrad(torch.autograd.Function):
@@ -119,15 +116,12 @@ def _refinement(xc, q, norms):
 
 def normalised_distances(x, zero_diagonal):
     q = squared_distances(x)
-    if not q.requires_grad:  # no graph to keep: in place, two N x N temporaries fewer for the allocator to fault in
-        d = q.clamp_(min=EPS).sqrt_()
-        if not zero_diagonal:
-            return d.div_(d.mean() + EPS)
-    else:
-        d = q.clamp(min=EPS).sqrt()
+    in_place = not q.requires_grad  # no graph to keep: two N x N temporaries fewer for the allocator to fault in
+    d = q.clamp_(min=EPS).sqrt_() if in_place else q.clamp(min=EPS).sqrt()
     if not zero_diagonal:
         # every entry is >= 1e-6 > 0 (or NaN, and then so is the loss): the mean of the positive ones is the mean
-        return d / (d.mean() + EPS)
+        mu = d.mean() + EPS
+        return d.div_(mu) if in_place else d / mu
     eye = torch.eye(len(x), dtype=torch.bool, device=x.device)
     d = torch.where(eye, d * 0.0, d)
     positive = d > 0
@@ -179,7 +173,7 @@ def distance_loss_and_grad(student, teacher, zero_diagonal):
 
 
 def rkd_distance_loss(student, teacher, zero_diagonal=False):
-    if _functorch_active() or not (torch.is_grad_enabled() and student.requires_grad):
+    if functorch_transforms_active() or not (torch.is_grad_enabled() and student.requires_grad):
         return _distance_loss_graph(student, teacher, zero_diagonal)
     return _LossWithGrad.apply(distance_loss_and_grad, _distance_loss_graph, student, teacher, zero_diagonal)
 
@@ -394,8 +388,7 @@ def fidelity_kernel_matrix(x):
 def _fidelity_loss_graph(student, teacher):
     """The loss as differentiable torch ops (the route of torch.func transforms and of double backward)."""
     with torch.no_grad():
-        psi_t = _unit_rows(teacher)
-        k_t = (psi_t @ psi_t.t()).square_()
+        k_t = fidelity_kernel_matrix(teacher)
     return F.smooth_l1_loss(fidelity_kernel_matrix(student), k_t)
 
 
@@ -464,7 +457,7 @@ def _fidelity_loss_and_grad(student, teacher):
 
 
 def fidelity_kernel_loss(student, teacher):
-    if _functorch_active():
+    if functorch_transforms_active():
         return _fidelity_loss_graph(student, teacher)
     if torch.is_grad_enabled() and student.requires_grad:
         return _LossWithGrad.apply(_fidelity_loss_and_grad, _fidelity_loss_graph, student, teacher)
