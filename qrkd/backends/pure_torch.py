@@ -409,8 +409,8 @@ def fidelity_pass(student, teacher, want_grad):
     norm = torch.linalg.vector_norm(x, dim=2, keepdim=True)
     psi = x.div_(norm.clamp(min=EPS))
     if not want_grad and 2 * n * n <= _FIDELITY_BLOCK_ELEMENTS:  # the whole matrices, in the fewest ops
-        k_s, k_t = torch.bmm(psi, psi.transpose(1, 2)).square_().unbind()
-        return F.huber_loss(k_s, k_t, delta=1.0), None
+        k = torch.bmm(psi, psi.transpose(1, 2)).square_()
+        return F.huber_loss(k[0], k[1], delta=1.0), None
     psi_s = psi[0]
     d_psi = None
     i0 = 0
