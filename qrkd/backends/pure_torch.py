@@ -65,6 +65,14 @@ class _LossWithGrad(torch.autograd.Function):
         return (None, None, grad, None) + (None,) * len(ctx.options)
 
 
+def smooth_l1_terms_(a, b):
+    """(smooth_l1(a - b), clamp(a - b, -1, 1)) elementwise, in place: the terms overwrite b, the clamp (smooth_l1's
+    derivative) overwrites a. smooth_l1(u) = g (u - g / 2) with g = clamp(u, -1, 1): no temporaries of a's size."""
+    u = torch.sub(a, b, out=b)
+    g = torch.clamp(u, -1.0, 1.0, out=a)
+    return u.sub_(g, alpha=0.5).mul_(g), g
+
+
 # ---------------------------------------------------------------------------------------------------------- distance
 
 
@@ -124,12 +132,18 @@ def normalised_distances(x, zero_diagonal):
         return d.div_(mu) if in_place else d / mu
     eye = torch.eye(len(x), dtype=torch.bool, device=x.device)
     d = torch.where(eye, d * 0.0, d)
+    mu, _, _ = _positive_mean(d)
+    return d * 0.0 if mu is None else d / mu
+
+
+def _positive_mean(d):
+    """(mean of d's positive entries + EPS, the mask of those entries, their count); the mean is None when there are
+    none (zero_diagonal's normalisation: the loss is then 0)."""
     positive = d > 0
     count = positive.sum()
     if count == 0:
-        return d * 0.0
-    mu = torch.where(positive, d, torch.zeros_like(d)).sum() / count + EPS
-    return d / mu
+        return None, positive, count
+    return torch.where(positive, d, torch.zeros_like(d)).sum() / count + EPS, positive, count
 
 
 def _distance_loss_graph(student, teacher, zero_diagonal):
@@ -151,11 +165,9 @@ def distance_loss_and_grad(student, teacher, zero_diagonal):
         d = q.clamp(min=EPS).sqrt_()
         if zero_diagonal:
             d.diagonal().mul_(0.0)
-            positive = d > 0
-            count = positive.sum()
-            if count == 0:
+            mu, positive, count = _positive_mean(d)
+            if mu is None:
                 return F.smooth_l1_loss(d * 0.0, nd_t), torch.zeros_like(student)
-            mu = torch.where(positive, d, torch.zeros_like(d)).sum() / count + EPS
             d_mu = positive.to(d.dtype).div_(count)
         else:
             mu = d.mean() + EPS
@@ -266,10 +278,9 @@ def angle_pass(student, teacher, want_grad, anchor_start=0, anchor_stop=None, wo
             if not want_grad:
                 continue
             g = torch.sub(a_s, a_t, out=a_t).clamp_(-1.0, 1.0)  # the law-of-cosines gradient needs A_s again
-        else:  # in place, no N^3 temporaries: smooth_l1(u) = g (u - g / 2) with g = clamp(u, -1, 1)
-            u = torch.sub(a_s, a_t, out=a_t)
-            g = torch.clamp(u, -1.0, 1.0, out=a_s)
-            total += u.sub_(g, alpha=0.5).mul_(g).sum().double()
+        else:  # in place, no N^3 temporaries
+            terms, g = smooth_l1_terms_(a_s, a_t)
+            total += terms.sum().double()
         # g = d smooth_l1(u) / du, u = A_s - A_t: symmetric in b, c
         if s_side.dot:
             unit, norm = aux
@@ -424,10 +435,7 @@ def fidelity_pass(student, teacher, want_grad):
             rest = F.huber_loss(k_s[:, i1 - i0 :], k_t[:, i1 - i0 :], reduction="sum", delta=1.0)
             part = square.double() + 2.0 * rest.double()
         else:
-            k_s, k_t = gram.square().unbind()
-            u = torch.sub(k_s, k_t, out=k_t)
-            g = torch.clamp(u, -1.0, 1.0, out=k_s)
-            f = u.sub_(g, alpha=0.5).mul_(g)  # smooth_l1(u) = g (u - g / 2)
+            f, g = smooth_l1_terms_(*gram.square().unbind())
             w = g.mul_(gram[0])
             if whole:
                 part = f.sum()
