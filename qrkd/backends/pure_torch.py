@@ -425,17 +425,27 @@ def fidelity_pass(student, teacher, want_grad):
     psi_s = psi[0]
     d_psi = None
     i0 = 0
+    buffers = None  # every block's product (and, with gradient, its square) in one allocation of the call
     while i0 < n:
         i1 = min(n, i0 + max(1, _FIDELITY_BLOCK_ELEMENTS // (2 * (n - i0))))
         whole = i1 - i0 == n
-        gram = torch.bmm(psi, psi.transpose(1, 2)) if whole else torch.bmm(psi[:, i0:i1], psi[:, i0:].transpose(1, 2))
+        if whole:
+            gram = torch.bmm(psi, psi.transpose(1, 2))
+            squared = gram.square() if want_grad else None
+        else:
+            if buffers is None:
+                buffers = psi.new_empty((2 if want_grad else 1, max(_FIDELITY_BLOCK_ELEMENTS, 2 * n)))
+            shape = (2, i1 - i0, n - i0)
+            size = 2 * (i1 - i0) * (n - i0)
+            gram = torch.bmm(psi[:, i0:i1], psi[:, i0:].transpose(1, 2), out=buffers[0, :size].view(shape))
+            squared = torch.square(gram, out=buffers[1, :size].view(shape)) if want_grad else None
         if not want_grad:  # (the whole matrices returned above)
             k_s, k_t = gram.square_().unbind()
             square = F.huber_loss(k_s[:, : i1 - i0], k_t[:, : i1 - i0], reduction="sum", delta=1.0)
             rest = F.huber_loss(k_s[:, i1 - i0 :], k_t[:, i1 - i0 :], reduction="sum", delta=1.0)
             part = square.double() + 2.0 * rest.double()
         else:
-            f, g = smooth_l1_terms_(*gram.square().unbind())
+            f, g = smooth_l1_terms_(*squared.unbind())
             w = g.mul_(gram[0])
             if whole:
                 part = f.sum()
