@@ -403,8 +403,7 @@ def _fidelity_loss_graph(student, teacher):
     return F.smooth_l1_loss(fidelity_kernel_matrix(student), k_t)
 
 
-# Gram entries (student and teacher together) of one block of rows of the loss's pass: 1 MiB of float32 per
-# temporary, which glibc hands back from its heap block after block instead of mapping fresh pages
+# Gram entries (student and teacher together) of one block of rows of the loss's pass: 1 MiB of float32
 _FIDELITY_BLOCK_ELEMENTS = 1 << 18
 
 
@@ -425,27 +424,23 @@ def fidelity_pass(student, teacher, want_grad):
     psi_s = psi[0]
     d_psi = None
     i0 = 0
-    buffers = None  # every block's product (and, with gradient, its square) in one allocation of the call
+    # every block's product (and, with gradient, its square) in one allocation a call: fresh tensors a block were
+    # mapped by glibc and faulted in again by the next (about 1,100 page faults a call at N = 2048, D = 4). A block
+    # holds at most _FIDELITY_BLOCK_ELEMENTS entries, or one row's 2 (N - i0) where a row alone is more
+    room = max(min(_FIDELITY_BLOCK_ELEMENTS, 2 * n * n), 2 * n)
+    buffers = psi.new_empty((2 if want_grad else 1, room))
     while i0 < n:
         i1 = min(n, i0 + max(1, _FIDELITY_BLOCK_ELEMENTS // (2 * (n - i0))))
-        whole = i1 - i0 == n
-        if whole:
-            gram = torch.bmm(psi, psi.transpose(1, 2))
-            squared = gram.square() if want_grad else None
-        else:
-            if buffers is None:
-                buffers = psi.new_empty((2 if want_grad else 1, max(_FIDELITY_BLOCK_ELEMENTS, 2 * n)))
-            shape = (2, i1 - i0, n - i0)
-            size = 2 * (i1 - i0) * (n - i0)
-            gram = torch.bmm(psi[:, i0:i1], psi[:, i0:].transpose(1, 2), out=buffers[0, :size].view(shape))
-            squared = torch.square(gram, out=buffers[1, :size].view(shape)) if want_grad else None
-        if not want_grad:  # (the whole matrices returned above)
+        whole = i1 - i0 == n  # (with gradient only: without, the whole matrices returned above)
+        shape, size = (2, i1 - i0, n - i0), 2 * (i1 - i0) * (n - i0)
+        gram = torch.bmm(psi[:, i0:i1], psi[:, i0:].transpose(1, 2), out=buffers[0, :size].view(shape))
+        if not want_grad:
             k_s, k_t = gram.square_().unbind()
             square = F.huber_loss(k_s[:, : i1 - i0], k_t[:, : i1 - i0], reduction="sum", delta=1.0)
             rest = F.huber_loss(k_s[:, i1 - i0 :], k_t[:, i1 - i0 :], reduction="sum", delta=1.0)
             part = square.double() + 2.0 * rest.double()
         else:
-            f, g = smooth_l1_terms_(*squared.unbind())
+            f, g = smooth_l1_terms_(*torch.square(gram, out=buffers[1, :size].view(shape)).unbind())
             w = g.mul_(gram[0])
             if whole:
                 part = f.sum()
