@@ -11,7 +11,8 @@ import os
 import pytest
 import torch
 
-from parity import RELATIONS, check_parity, loss_fn, make_features, torch_threads, value_and_grad
+from parity import (RELATIONS, check_fidelity_moments_route, check_parity, loss_fn, make_features, torch_threads,
+                    value_and_grad)
 from qrkd import backends
 from qrkd.backends import pure_torch, reference
 from qrkd.relations import FEATURE_OPS
@@ -243,3 +244,17 @@ def test_dispatch_prefers_cpp_on_cpu():
     assert qrkd.rkd_distance_loss(s, t, zero_diagonal=True).item() == cpp.rkd_distance_loss(s, t, True).item()
     assert qrkd.fidelity_kernel_loss(s, t).item() == cpp.fidelity_kernel_loss(s[:, :3].contiguous(), t).item()
     torch.testing.assert_close(qrkd.fidelity_kernel_matrix(s), cpp.fidelity_kernel_matrix(s), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fidelity_loss_takes_moments_for_narrow_features(monkeypatch, dtype):
+    check_fidelity_moments_route(monkeypatch, "cpp", dtype)
+
+
+def test_fidelity_loss_below_the_moments_takes_the_kernel(monkeypatch):
+    # one row fewer than cpp._MOMENTS_MIN_N: the C++ kernel, not the moments
+    from qrkd.backends import fidelity_moments
+
+    monkeypatch.setattr(fidelity_moments, "loss_and_grad", None)  # any call would fail
+    s, t = make_features(cpp._MOMENTS_MIN_N - 1, 4, seed=76), make_features(cpp._MOMENTS_MIN_N - 1, 4, seed=77)
+    check_parity("fidelity", cpp, s, t)

@@ -5,6 +5,7 @@ in tests/test_backend_contract.py."""
 import pytest
 import torch
 
+from parity import check_fidelity_moments_route, fidelity_truth
 from qrkd.backends import reference
 
 
@@ -82,3 +83,71 @@ def test_fidelity_loss_upper_triangle_blocks(monkeypatch, block_elements, dtype)
     loss = lambda z: pure_torch.fidelity_kernel_loss(z, t)  # noqa: E731
     assert torch.autograd.gradcheck(loss, (x.clone().requires_grad_(True),))
     assert torch.autograd.gradgradcheck(loss, (x.clone().requires_grad_(True),))
+
+
+@pytest.mark.parametrize("width", [1, 2, 4, 7])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fidelity_moments_match_reference(width, dtype):
+    # the moments' loss and gradient at odd N with a zero row, duplicate rows on both sides and, at width 1, every
+    # kernel entry 1 or 0: against the float64 reference on the same values (the moments work in float64, so float32
+    # features lose only the final rounding)
+    from qrkd.backends import fidelity_moments
+
+    g = torch.Generator().manual_seed(70 + width)
+    x, t = (torch.randn(37, width, generator=g, dtype=torch.float64) for _ in range(2))
+    x[3] = 0.0
+    x[7] = x[5]
+    t[2] = t[9]
+    x, t = x.to(dtype), t.to(dtype)
+    truth, grad_truth = fidelity_truth(x, t)
+    rtol = 1e-12 if dtype == torch.float64 else 3e-7
+    loss, grad = fidelity_moments.loss_and_grad(x, t, True)
+    loss_only, none = fidelity_moments.loss_and_grad(x, t, False)
+    assert none is None and loss.dtype == grad.dtype == dtype and loss_only.item() == loss.item()
+    torch.testing.assert_close(loss.double(), truth, rtol=rtol, atol=1e-15)
+    torch.testing.assert_close(grad.double(), grad_truth, rtol=rtol, atol=rtol * grad_truth.abs().max().item())
+
+
+def test_fidelity_moments_student_close_to_teacher():
+    # every moment is of the order of the student-teacher gap: a student 1e-6 from its teacher keeps its digits (the
+    # plain sum of K_s^2, K_s K_t and K_t^2 moments would cancel to ~1e-4 here)
+    from qrkd.backends import fidelity_moments
+
+    g = torch.Generator().manual_seed(72)
+    t = torch.randn(200, 4, generator=g, dtype=torch.float64)
+    x = t + 1e-6 * torch.randn(200, 4, generator=g, dtype=torch.float64)
+    truth, grad_truth = fidelity_truth(x, t)
+    loss, grad = fidelity_moments.loss_and_grad(x, t, True)
+    torch.testing.assert_close(loss, truth, rtol=1e-9, atol=0)
+    torch.testing.assert_close(grad, grad_truth, rtol=1e-8, atol=1e-8 * grad_truth.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fidelity_loss_takes_moments_for_narrow_features(monkeypatch, dtype):
+    check_fidelity_moments_route(monkeypatch, "torch", dtype)
+
+
+@pytest.mark.parametrize("side", ["student", "teacher"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_fidelity_moments_non_finite(side, value):
+    from qrkd.backends import fidelity_moments
+
+    g = torch.Generator().manual_seed(74)
+    x, t = torch.randn(9, 4, generator=g), torch.randn(9, 4, generator=g)
+    (x if side == "student" else t)[4, 1] = value
+    loss, grad = fidelity_moments.loss_and_grad(x, t, True)
+    assert torch.isnan(loss) and torch.isnan(fidelity_moments.loss_and_grad(x, t, False)[0])
+    assert torch.isnan(grad).any()
+
+
+def test_fidelity_moments_float32_beyond_the_float32_norm():
+    # rows of ~1e20: |x|^2 overflows in float32, which gives the float32 reference K = 0 for them; the moments normalise
+    # in float64 and give the kernel of the same values in float64
+    from qrkd.backends import fidelity_moments
+
+    g = torch.Generator().manual_seed(75)
+    x, t = torch.randn(12, 4, generator=g), torch.randn(12, 4, generator=g)
+    x[:4] *= 1e20
+    truth, _ = fidelity_truth(x, t)
+    assert reference.fidelity_kernel_loss(x, t).item() != pytest.approx(truth.item(), rel=1e-3)
+    torch.testing.assert_close(fidelity_moments.loss_and_grad(x, t, False)[0].double(), truth, rtol=3e-7, atol=0)

@@ -21,6 +21,7 @@ import os
 import torch
 
 from ..relations import TABLE
+from . import fidelity_moments, pure_torch
 from .autograd_limits import functorch_transforms_active, fused_backward, vmap_refusal
 
 _state = {"loaded": None, "detail": "", "cuda": False}
@@ -229,7 +230,15 @@ def rkd_angle_loss(student, teacher, anchor_start=0, anchor_stop=None):
     return _apply(_Angle, student, teacher, int(anchor_start), stop, _with_grad(student))[0]
 
 
+# from this N on, narrow features take the torch backend's moments (fidelity_moments) instead of the N x N kernel: in
+# turns at D = 4, N = 512 263 against 268 us forward and 498 against 756 forward+backward, N = 4096 1.5 against 56.7 ms
+_MOMENTS_MIN_N = 512
+
+
 def fidelity_kernel_loss(student, teacher):
+    n, width = student.shape
+    if n >= _MOMENTS_MIN_N and fidelity_moments.cheaper(n, width):
+        return pure_torch.fidelity_kernel_loss(student, teacher)  # which takes the moments there (its own N is lower)
     return _apply(_FidelityLoss, student, teacher, _with_grad(student))[0]
 
 

@@ -6,7 +6,8 @@ of unit difference vectors (a batched matmul, narrow features) or by the law of 
 (N x D, kept for backward), so forward+backward walks the triplets once; otherwise backward recomputes. The distance
 loss sums small batches' squared distances from differences, larger ones from the Gram matrix with the cancelling
 pairs refined, and forms its student gradient by hand in the forward. The classical fidelity loss forms the upper
-triangle of its symmetric kernels in blocks of rows, with the student gradient in the same pass when it will be needed.
+triangle of its symmetric kernels in blocks of rows, with the student gradient in the same pass when it will be needed;
+narrow features at larger N take the loss from small moment matrices instead (fidelity_moments.py): no N x N tensor.
 Every long loop works in chunks of a few million elements, so that Python's Ctrl-C handler runs between them.
 
 Double backward: the distance and fidelity losses' backward under create_graph=True and the photonic backward
@@ -17,6 +18,7 @@ from the start); the angle backward (chunked, in place) refuses with a clear err
 import torch
 import torch.nn.functional as F
 
+from . import fidelity_moments
 from .autograd_limits import functorch_transforms_active, fused_backward, vmap_refusal
 
 EPS = 1e-12
@@ -411,10 +413,12 @@ def fidelity_pass(student, teacher, want_grad):
     """(loss, dloss/dstudent or None) of the loss: the mean over the N^2 ordered pairs of smooth_l1(K_s - K_t). K is
     symmetric, so from N = 363 on (2 N^2 > _FIDELITY_BLOCK_ELEMENTS) the pass forms its upper triangle only, in blocks
     of rows i0:i1 against the columns i0:N (their sums added in float64): a block's diagonal square counts once, the
-    rest of it twice. With want_grad the same pass forms the gradient: dS/dpsi_u = 4 sum_v g_uv G_uv psi_v for
-    the sum S (g = clamp(K_s - K_t, -1, 1), G the student Gram), each block's product adding its rows' terms and,
-    transposed, its columns' beyond the square."""
-    n = student.shape[0]
+    rest of it twice; narrow features there take fidelity_moments instead, where that costs less. With want_grad the
+    same pass forms the gradient: dS/dpsi_u = 4 sum_v g_uv G_uv psi_v for the sum S (g = clamp(K_s - K_t, -1, 1), G
+    the student Gram), each block's product adding its rows' terms and, transposed, its columns' beyond the square."""
+    n, width = student.shape
+    if 2 * n * n > _FIDELITY_BLOCK_ELEMENTS and fidelity_moments.cheaper(n, width):
+        return fidelity_moments.loss_and_grad(student, teacher, want_grad)
     x = torch.stack((student, teacher))  # the common width (the public loss cuts both sides to it)
     norm = torch.linalg.vector_norm(x, dim=2, keepdim=True)
     psi = x.div_(norm.clamp(min=EPS))

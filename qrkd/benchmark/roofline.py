@@ -23,6 +23,9 @@ gets no gradient).
     fidelity  forward  4 D + 8 per pair, D = min(Ds, Dt) (both sides are cut to it): per side psi_i.psi_j (2D) and
                        its square (1); the tail (6).
               backward 4 D + 4 per pair: smooth_l1'(u) (2), dL/dG = 2 G dL/dK (2), dpsi = 2 (dG psi) (4 D).
+              For narrow features at larger N the torch and cpp backends take the loss from moments instead, O(N D^4)
+              (qrkd/backends/fidelity_moments.py). The model still counts the pairs there, so their fraction can pass
+              1: no pairwise pass could finish in that time at the machine's GEMM rate.
     angle     forward  14 per triplet: per side the numerator q_ab + q_ac - q_bc (2) and its scaling by
                        (1/d_ab) (1/d_ac) / 2 (2); the tail (6); plus per pair the squared distances of both sides,
                        2 (Ds + Dt) + 2 (the dot product, the norms' sum, the square root).
