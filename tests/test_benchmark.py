@@ -397,12 +397,13 @@ def test_the_compiled_reference_computes_the_same_loss_as_the_reference(relation
 def test_repeated_processes_give_the_median_of_their_medians():
     from qrkd.benchmark.measure import combine_processes
 
-    def rec(median, samples, peak):
+    def rec(median, samples, peak, faults=0.0):
         return {"status": "ok", "median_s": median, "samples_s": samples, "peak_mem_bytes": peak,
-                "peak_rss_bytes": peak + 10, "value": 1.0}
+                "peak_rss_bytes": peak + 10, "value": 1.0, "faults_per_call": faults}
 
-    cell = combine_processes([rec(2.0, [2.0, 2.1], 5), rec(1.0, [1.0, 0.9], 7), rec(1.5, [1.5, 1.6], 6)])
+    cell = combine_processes([rec(2.0, [2.0, 2.1], 5, 900.0), rec(1.0, [1.0, 0.9], 7, 3.0), rec(1.5, [1.5, 1.6], 6)])
     assert cell["median_s"] == 1.5 and cell["process_medians_s"] == [2.0, 1.0, 1.5]
+    assert cell["faults_per_call"] == 3.0 and cell["process_faults_per_call"] == [900.0, 3.0, 0.0]
     assert cell["reps"] == 6 and cell["min_s"] == 0.9 and cell["peak_mem_bytes"] == 7 and cell["peak_rss_bytes"] == 17
     failed = {"status": "timeout", "detail": "over budget"}
     assert combine_processes([rec(1.0, [1.0], 5), failed])["status"] == "timeout"
@@ -443,3 +444,38 @@ def test_repeats_run_each_impl_in_several_processes_in_turns(tmp_path, capsys):
         assert len(rec["process_medians_s"]) == 3 and rec["median_s"] == sorted(rec["process_medians_s"])[1]
     with open(tmp_path / (name[:-5] + ".md")) as f:
         assert "ran in 3 fresh processes, in turns" in f.read()
+
+
+def test_measure_counts_page_faults_a_call(monkeypatch):
+    # a call that maps and touches 1 MiB of fresh pages faults about 256 times; one that reuses its memory hardly at
+    # all: the difference the reference's N x N temporaries make between processes (glibc mapping them afresh or not)
+    import importlib
+    import mmap
+
+    from qrkd.benchmark.cases import make_case
+
+    qm = importlib.import_module("qrkd.benchmark.measure")  # the module (the package exports its function measure)
+
+    def fresh_pages():
+        with mmap.mmap(-1, 1 << 20) as m:
+            if hasattr(mmap, "MADV_NOHUGEPAGE"):
+                m.madvise(mmap.MADV_NOHUGEPAGE)
+            for offset in range(0, 1 << 20, 4096):
+                m[offset] = 1
+        return 0.0
+
+    kept = bytearray(1 << 20)
+
+    def same_pages():
+        for offset in range(0, 1 << 20, 4096):
+            kept[offset] = 1
+        return 0.0
+
+    settings = dict(budget_s=5.0, slow_s=1.0, slow_cap_s=2.0, target_s=0.05, min_sample_s=0.002, max_reps=20,
+                    min_reps=3)
+    case = make_case("distance", "fwd", 8, 2, 2)
+    faults = {}
+    for name, call in (("fresh", fresh_pages), ("same", same_pages)):
+        monkeypatch.setattr(qm, "build_call", lambda case, impl, call=call: (call, lambda: None))
+        faults[name] = qm.measure(case, "reference", settings)["faults_per_call"]
+    assert faults["fresh"] >= 200 and faults["same"] < 10

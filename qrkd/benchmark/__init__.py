@@ -46,9 +46,10 @@ memory vs N, log-log, one line per impl). JSON schema "qrkd-bench/2":
      wall_s, roofline{device, gemm_gflops, gemm_n, gemm_dtype, gemm_samples_s, gemm_threads, bandwidth_gbs,
      bandwidth_bytes_per_call, bandwidth_method, bandwidth_samples_s, wall_s},
      results: [{case{relation, mode, n, ds, dt, dtype, device, modes, photons, tags}, case_id, impl, kind,
-     status, predicted, detail, median_s, iqr_s, mean_s, min_s, samples_s, reps, inner, first_call_s, setup_s,
-     peak_mem_bytes, baseline_mem_bytes, peak_rss_bytes, child_maxrss_bytes, mem_method, value, value_rel_diff,
-     threads, wall_s, reference_impl, ratio_to_reference, speedup{ref impl: ratio}, work{unit, units, flops,
+     status, predicted, detail, median_s, iqr_s, mean_s, min_s, samples_s, reps, inner, faults_per_call,
+     first_call_s, setup_s, peak_mem_bytes, baseline_mem_bytes, peak_rss_bytes, child_maxrss_bytes, mem_method,
+     value, value_rel_diff, threads, wall_s, process_medians_s and process_faults_per_call (--repeats),
+     reference_impl, ratio_to_reference, speedup{ref impl: ratio}, work{unit, units, flops,
      flops_per_unit}, throughput, gflops, gemm_fraction, gemm_equivalent_gflop}]}
 ratio_to_reference = median of the case's reference impl / median of this impl (> 1: faster than the reference).
 Schema 1 files (no roofline) still load with --report.

@@ -353,8 +353,11 @@ def _progress(done: int, total: int, t_start: float, case: Case, rec: dict) -> N
     head = f"[{done:>4}/{total} {int(elapsed) // 60:>3}:{int(elapsed) % 60:02d}] {case.relation:<9}{case.mode:<7}" \
            f"{case.describe():<26}{rec['impl']:<19}"
     if rec["status"] == "ok":
+        faults = rec.get("faults_per_call")
         tail = (f"{_fmt_time(rec['median_s']):>10} IQR {_fmt_time(rec['iqr_s']):>9}  "
                 f"peak {_fmt_bytes(rec['peak_mem_bytes']):>9}")
+        if faults is not None:
+            tail += f"  {faults:>7.0f} faults"
     else:
         tail = f"{rec['status'].upper():>10}  {rec['detail'][:110]}"
     print(head + tail, flush=True)

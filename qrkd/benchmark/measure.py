@@ -69,6 +69,13 @@ class MemoryProbe:
         return max(0, top - self.base), top
 
 
+def _page_faults() -> int:
+    """This process's page faults so far, minor and major (a minor one is a fresh page mapped in: an allocation that
+    glibc served from new pages instead of its heap)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_minflt + usage.ru_majflt
+
+
 def _stats(samples: list) -> dict:
     ordered = sorted(samples)
     if len(ordered) >= 2:
@@ -88,8 +95,8 @@ def _stats(samples: list) -> dict:
 def combine_processes(records: list) -> dict:
     """One cell from the records of the same (case, impl) measured in several fresh processes (`--repeats`): the
     median of the processes' medians (one process's median can be off by up to 2x on a shared machine), the IQR over
-    every sample, the largest peak memory; the first failure if any process failed. A round the sweep's deadline
-    skipped leaves the processes that ran."""
+    every sample, the largest peak memory, the median of the page faults a call; the first failure if any process
+    failed. A round the sweep's deadline skipped leaves the processes that ran."""
     if any(r["status"] == "ok" for r in records):
         records = [r for r in records if r["status"] != "skipped"]
     failed = [r for r in records if r["status"] != "ok"]
@@ -99,9 +106,13 @@ def combine_processes(records: list) -> dict:
     medians = [r["median_s"] for r in records]
     out = dict(records[0])
     out.update(_stats([x for r in records for x in r["samples_s"]]))
+    faults = [r.get("faults_per_call") for r in records]  # None: a slow call timed by its first samples only
+    counted = [f for f in faults if f is not None]
     out.update(
         median_s=statistics.median(medians),
         process_medians_s=medians,
+        faults_per_call=statistics.median(counted) if counted else None,
+        process_faults_per_call=faults,
         peak_mem_bytes=max(r["peak_mem_bytes"] for r in records),
         peak_rss_bytes=max(r["peak_rss_bytes"] for r in records),
     )
@@ -158,6 +169,7 @@ def measure(case: Case, impl: str, settings: dict, started: float | None = None)
     if per_call < settings["min_sample_s"]:
         inner = max(1, min(1000, int(settings["min_sample_s"] / max(per_call, 1e-7))))
     timing_start = now()
+    faults_start, timed_calls = _page_faults(), 0
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
@@ -174,9 +186,11 @@ def measure(case: Case, impl: str, settings: dict, started: float | None = None)
                 call()
             sync()
             samples.append((now() - t0) / inner)
+            timed_calls += inner
     finally:
         if gc_was_enabled:
             gc.enable()
+    faults_per_call = (_page_faults() - faults_start) / timed_calls if timed_calls else None
     if not slow:
         peak, peak_abs = probe.peak()
     out = _stats(samples)
@@ -184,6 +198,7 @@ def measure(case: Case, impl: str, settings: dict, started: float | None = None)
         status="ok",
         detail="",
         inner=inner,
+        faults_per_call=faults_per_call,
         first_call_s=first,
         setup_s=setup_s,
         peak_mem_bytes=peak,
