@@ -216,20 +216,44 @@ at::Tensor weighted_differences(const at::Tensor& h, const at::Tensor& x) {
   return rowsum * x - symmetric_times<T>(h, x);
 }
 
-// c_ij = a_i . a_j for j >= i, one thread, vectorised over j on a^T (a small product: see kSmallProduct)
+// c_ij = a_i . a_j for j >= i, one thread, vectorised over j on a^T (a small product: see kSmallProduct): each block
+// of 2 vectors of columns sums its k terms in registers, k in order (the sums of a scalar loop, so the same values as
+// adding each k's terms into c_i, which kept c_i in memory and read and wrote it d times: at N = 64, D = 128 the
+// fidelity loss's forward took 179 us against the reference's 136). The last block of a row ends at column n, so it
+// may reach below the diagonal, where c is unspecified.
 template <typename T>
 void small_gram_upper(const T* a, int64_t n, int64_t d, T* c) {
+  using V = Vec<T>;
+  constexpr int64_t L = kVecLanes<T>, kBlock = 2 * L;
   std::vector<T> a_t(size_t(d) * size_t(n));
   for (int64_t i = 0; i < n; ++i)
     for (int64_t k = 0; k < d; ++k) a_t[size_t(k) * n + i] = a[i * d + k];
   for (int64_t i = 0; i < n; ++i) {
     T* ci = c + i * n;
-    std::fill(ci + i, ci + n, T(0));
-    for (int64_t k = 0; k < d; ++k) {
-      const T aik = a[i * d + k];
-      const T* col = a_t.data() + k * n;
+    const T* ai = a + i * d;
+    auto block = [&](int64_t j0) {  // columns [j0, j0 + kBlock)
+      V s0{}, s1{};
+      for (int64_t k = 0; k < d; ++k) {
+        const V aik = V{} + ai[k];
+        const T* col = a_t.data() + size_t(k) * n + j0;
+        s0 += aik * load(col);
+        s1 += aik * load(col + L);
+      }
+      store(ci + j0, s0);
+      store(ci + j0 + L, s1);
+    };
+    int64_t j0 = i;
+    for (; j0 + kBlock <= n; j0 += kBlock) block(j0);
+    if (j0 < n && n >= kBlock) {
+      block(n - kBlock);
+    } else {  // n < kBlock: term by term into c_i
+      std::fill(ci + j0, ci + n, T(0));
+      for (int64_t k = 0; k < d; ++k) {
+        const T aik = ai[k];
+        const T* col = a_t.data() + size_t(k) * n;
 #pragma omp simd
-      for (int64_t j = i; j < n; ++j) ci[j] += aik * col[j];
+        for (int64_t j = j0; j < n; ++j) ci[j] += aik * col[j];
+      }
     }
   }
 }
