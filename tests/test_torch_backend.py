@@ -151,3 +151,17 @@ def test_fidelity_moments_float32_beyond_the_float32_norm():
     truth, _ = fidelity_truth(x, t)
     assert reference.fidelity_kernel_loss(x, t).item() != pytest.approx(truth.item(), rel=1e-3)
     torch.testing.assert_close(fidelity_moments.loss_and_grad(x, t, False)[0].double(), truth, rtol=3e-7, atol=0)
+
+
+@pytest.mark.parametrize("n, width", [(400, 16), (520, 16), (512, 300)])
+def test_fidelity_forward_whole_or_blocks(n, width):
+    # without gradient: whole matrices at N = 400 (and N = 512 at a small enough N^2 D), blocks at N = 520 and at
+    # N = 512, D = 300; the value is the reference's either way
+    from qrkd.backends import pure_torch
+
+    g = torch.Generator().manual_seed(78)
+    x, t = (torch.randn(n, width, generator=g, dtype=torch.float64) for _ in range(2))
+    x[5] = x[2]
+    with torch.no_grad():
+        torch.testing.assert_close(pure_torch.fidelity_kernel_loss(x, t), reference.fidelity_kernel_loss(x, t),
+                                   rtol=1e-12, atol=0)
