@@ -165,3 +165,28 @@ def test_fidelity_forward_whole_or_blocks(n, width):
     with torch.no_grad():
         torch.testing.assert_close(pure_torch.fidelity_kernel_loss(x, t), reference.fidelity_kernel_loss(x, t),
                                    rtol=1e-12, atol=0)
+
+
+def test_fidelity_moments_under_compile_and_inference_mode():
+    # the moments' basis is kept per (width, device) as plain tensors: not a fake one from torch.compile's trace, not
+    # an inference tensor from a first call under inference_mode; compiled and eager agree through the moments route
+    import qrkd
+    from qrkd.backends import fidelity_moments
+
+    fidelity_moments._BASES.clear()
+    g = torch.Generator().manual_seed(79)
+    x, t = torch.randn(400, 4, generator=g, dtype=torch.float64), torch.randn(400, 4, generator=g, dtype=torch.float64)
+    with torch.inference_mode():
+        first = qrkd.fidelity_kernel_loss(x, t, backend="torch")
+    assert not any(b.is_inference() for bases in fidelity_moments._BASES.values() for b in bases)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda a, b: qrkd.fidelity_kernel_loss(a, b, backend="torch"), backend="aot_eager")
+    y, y_eager = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    value = compiled(y, t)
+    value.backward()
+    eager = qrkd.fidelity_kernel_loss(y_eager, t, backend="torch")
+    eager.backward()
+    torch.testing.assert_close(value.detach(), eager.detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(first, eager.detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(y.grad, y_eager.grad, rtol=1e-12, atol=1e-15)
+    assert all(type(b) is torch.Tensor for bases in fidelity_moments._BASES.values() for b in bases)

@@ -14,7 +14,6 @@ All of it in float64: the outer products of float32 features are exact there, an
 N x N passes and the reference give K = 0 for float32 rows beyond about 1e19, whose squared norm is inf in float32).
 """
 
-import functools
 import math
 
 import torch
@@ -31,11 +30,23 @@ def cheaper(n, width):
     return n * (width + 16) >= 6 * width * width * k + 4 * k * k
 
 
-@functools.lru_cache(maxsize=None)
+_BASES = {}
+
+
 def _basis(width, device):
     """(B, F), float64. B (2 d^2 x 3k) takes a row [psi_s (x) psi_s, psi_t (x) psi_t] to [delta, sigma, delta];
     F (k x d^2) takes a gradient in the k coordinates of phi to the d x d matrix G + G^T, G that of the outer
-    product."""
+    product. Kept per (d, device), except while torch.compile traces (which would otherwise keep its own tensors)."""
+    if torch.compiler.is_compiling():
+        return _new_basis(width, device)
+    key = (width, device)
+    if key not in _BASES:
+        with torch.inference_mode(False), torch.no_grad():  # plain tensors, whatever mode the first call runs in
+            _BASES[key] = _new_basis(width, device)
+    return _BASES[key]
+
+
+def _new_basis(width, device):
     rows, cols = torch.triu_indices(width, width)
     k = rows.numel()
     w = torch.full((k,), math.sqrt(2.0), dtype=torch.float64).masked_fill_(rows == cols, 1.0)
