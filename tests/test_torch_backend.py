@@ -153,10 +153,10 @@ def test_fidelity_moments_float32_beyond_the_float32_norm():
     torch.testing.assert_close(fidelity_moments.loss_and_grad(x, t, False)[0].double(), truth, rtol=3e-7, atol=0)
 
 
-@pytest.mark.parametrize("n, width", [(400, 16), (520, 16), (512, 300)])
+@pytest.mark.parametrize("n, width", [(400, 16), (384, 512), (520, 16), (512, 400)])
 def test_fidelity_forward_whole_or_blocks(n, width):
-    # without gradient: whole matrices at N = 400 (and N = 512 at a small enough N^2 D), blocks at N = 520 and at
-    # N = 512, D = 300; the value is the reference's either way
+    # without gradient: whole matrices at N = 400 and at N = 384, D = 512 (N^2 D below _FIDELITY_WHOLE_FORWARD_WORK),
+    # blocks at N = 520 and at N = 512, D = 400; the value is the reference's either way
     from qrkd.backends import pure_torch
 
     g = torch.Generator().manual_seed(78)

@@ -408,11 +408,11 @@ def _fidelity_loss_graph(student, teacher):
 # Gram entries (student and teacher together) of one block of rows of the loss's pass: 1 MiB of float32
 _FIDELITY_BLOCK_ELEMENTS = 1 << 18
 # without gradient the whole matrices serve up to N^2 = _FIDELITY_BLOCK_ELEMENTS (N = 512) unless N^2 D exceeds this:
-# the blocks' upper triangle saves a quarter of the GEMM there, but costs their ops and a lopsided first block (N = 384
-# takes 341 rows). In turns, forward, blocks against whole matrices: N = 384, D = 64 728 against 452 us (the reference
-# 568), D = 512 2537 against 2329 (2513); N = 448, D = 256 1708 against 1590; N = 512, D = 64 985 against 744, D = 512
-# 3548 against 3912 (kept in blocks)
-_FIDELITY_WHOLE_FORWARD_WORK = 1 << 26
+# the blocks' upper triangle saves a quarter of the GEMM, but costs their ops and a lopsided first block (N = 384 takes
+# 341 rows). In turns, forward, blocks against whole matrices: N = 384, D = 64 728 against 452 us (the reference 568),
+# D = 512 (N^2 D = 75 M) 2537 against 2329 (2513); N = 448, D = 256 1708 against 1590; N = 512, D = 64 985 against 744;
+# N = 512, D = 512 (134 M) 3548 against 3912, kept in blocks
+_FIDELITY_WHOLE_FORWARD_WORK = 3 << 25
 
 
 def fidelity_pass(student, teacher, want_grad):
@@ -420,9 +420,9 @@ def fidelity_pass(student, teacher, want_grad):
     symmetric, so from N = 363 on (2 N^2 > _FIDELITY_BLOCK_ELEMENTS; without gradient, past N = 512 or a large N^2 D)
     the pass forms its upper triangle only, in blocks of rows i0:i1 against the columns i0:N (their sums added in
     float64): a block's diagonal square counts once, the rest of it twice; narrow features from N = 363 on take
-    fidelity_moments instead, where that costs less. With want_grad the
-    same pass forms the gradient: dS/dpsi_u = 4 sum_v g_uv G_uv psi_v for the sum S (g = clamp(K_s - K_t, -1, 1), G
-    the student Gram), each block's product adding its rows' terms and, transposed, its columns' beyond the square."""
+    fidelity_moments instead, where that costs less. With want_grad the same pass forms the gradient: dS/dpsi_u =
+    4 sum_v g_uv G_uv psi_v for the sum S (g = clamp(K_s - K_t, -1, 1), G the student Gram), each block's product
+    adding its rows' terms and, transposed, its columns' beyond the square."""
     n, width = student.shape
     if 2 * n * n > _FIDELITY_BLOCK_ELEMENTS and fidelity_moments.cheaper(n, width):
         return fidelity_moments.loss_and_grad(student, teacher, want_grad)
