@@ -199,14 +199,6 @@ def torch_threads(threads):
         torch.set_num_threads(before)
 
 
-def fidelity_truth(x, t):
-    """The reference loss and its gradient, in float64, on the same values."""
-    y = x.detach().double().clone().requires_grad_(True)
-    loss = reference.fidelity_kernel_loss(y, t.double())
-    (grad,) = torch.autograd.grad(loss, y)
-    return loss.detach(), grad
-
-
 def check_fidelity_moments_route(monkeypatch, backend, dtype):
     """N = 521, D = 4 (the seed's width) through the public loss, with and without gradient, a wide teacher cut to the
     student's width first: the backend takes the moments, and its loss and gradient are the float64 reference's."""
@@ -218,7 +210,7 @@ def check_fidelity_moments_route(monkeypatch, backend, dtype):
     monkeypatch.setattr(fidelity_moments, "loss_and_grad", lambda *a: calls.append(a[2]) or original(*a))
     g = torch.Generator().manual_seed(73)
     x, t = torch.randn(521, 4, generator=g, dtype=dtype), torch.randn(521, 31, generator=g, dtype=dtype)
-    truth, grad_truth = fidelity_truth(x, t[:, :4])
+    truth, grad_truth = value_and_grad(reference.fidelity_kernel_loss, x.double(), t[:, :4].double())
     rtol = 1e-12 if dtype == torch.float64 else 3e-7
     with torch.no_grad():
         torch.testing.assert_close(qrkd.fidelity_kernel_loss(x, t, backend=backend).double(), truth, rtol=rtol, atol=0)

@@ -238,7 +238,7 @@ _MOMENTS_MIN_N = 512
 def fidelity_kernel_loss(student, teacher):
     n, width = student.shape
     if n >= _MOMENTS_MIN_N and fidelity_moments.cheaper(n, width):
-        return pure_torch.fidelity_kernel_loss(student, teacher)  # which takes the moments there (its own N is lower)
+        return pure_torch.fidelity_loss_from_moments(student, teacher)
     return _apply(_FidelityLoss, student, teacher, _with_grad(student))[0]
 
 

@@ -59,6 +59,14 @@ def _new_basis(width, device):
     return b.to(device), f.to(device)
 
 
+def unit_rows_backward(psi, norm, d_psi):
+    """dL/dx from dL/dpsi (d_psi, overwritten) through psi = x / max(|x|, 1e-12), row by row: (dpsi - psi (psi .
+    dpsi)) / |x|, and below the clamp dpsi / 1e-12 with no projection. norm holds |x| (N x 1). Shared with the torch
+    backend's N x N pass."""
+    along = (psi * d_psi).sum(dim=1, keepdim=True).mul_(norm > EPS)
+    return d_psi.sub_(psi * along).div_(norm.clamp(min=EPS))
+
+
 def loss_and_grad(student, teacher, want_grad):
     """(loss, dloss/dstudent or None), both in the student's dtype."""
     n, width = student.shape
@@ -75,8 +83,6 @@ def loss_and_grad(student, teacher, want_grad):
     if not want_grad:
         return loss, None
     outer_grad = ((swapped @ (m[:, :k] + m[:, k:])) @ f).view(n, width, width)
-    psi_s, norm_s = psi[:, 0], norm[:, 0]
+    psi_s = psi[:, 0]
     d_psi = torch.bmm(outer_grad, psi_s.unsqueeze(2)).squeeze(2).div_(2.0 * pairs)
-    # through psi = x / max(|x|, 1e-12): (dpsi - psi (psi . dpsi)) / |x|; below the clamp dpsi / 1e-12, no projection
-    along = (psi_s * d_psi).sum(dim=1, keepdim=True).mul_(norm_s > EPS)
-    return loss, d_psi.sub_(psi_s * along).div_(norm_s.clamp(min=EPS)).to(student.dtype)
+    return loss, unit_rows_backward(psi_s, norm[:, 0], d_psi).to(student.dtype)

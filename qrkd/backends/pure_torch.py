@@ -471,23 +471,26 @@ def fidelity_pass(student, teacher, want_grad):
     loss = (total / pairs).to(student.dtype)
     if not want_grad:
         return loss, None
-    # through psi = x / max(|x|, 1e-12): (dpsi - psi (psi . dpsi)) / |x|; below the clamp dpsi / 1e-12, no projection
-    norm_s = norm[0]
-    d_psi.mul_(4.0 / pairs)
-    along = (psi_s * d_psi).sum(dim=1, keepdim=True).mul_(norm_s > EPS)
-    return loss, d_psi.sub_(psi_s * along).div_(norm_s.clamp(min=EPS))
+    return loss, fidelity_moments.unit_rows_backward(psi_s, norm[0], d_psi.mul_(4.0 / pairs))
 
 
-def _fidelity_loss_and_grad(student, teacher):
-    return fidelity_pass(student, teacher, True)
-
-
-def fidelity_kernel_loss(student, teacher):
+def _fidelity_loss(route, student, teacher):
+    """The loss from route(student, teacher, want_grad) -> (loss, gradient or None), differentiable: the route's own
+    gradient when autograd needs one, the formula under torch.func transforms."""
     if functorch_transforms_active():
         return _fidelity_loss_graph(student, teacher)
     if torch.is_grad_enabled() and student.requires_grad:
-        return _LossWithGrad.apply(_fidelity_loss_and_grad, _fidelity_loss_graph, student, teacher)
-    return fidelity_pass(student, teacher, False)[0]
+        return _LossWithGrad.apply(lambda s, t: route(s, t, True), _fidelity_loss_graph, student, teacher)
+    return route(student, teacher, False)[0]
+
+
+def fidelity_kernel_loss(student, teacher):
+    return _fidelity_loss(fidelity_pass, student, teacher)
+
+
+def fidelity_loss_from_moments(student, teacher):
+    """The loss through fidelity_moments whatever N (the cpp backend's route for narrow features)."""
+    return _fidelity_loss(fidelity_moments.loss_and_grad, student, teacher)
 
 
 # ------------------------------------------------------------------------------------------------ photonic fidelity
