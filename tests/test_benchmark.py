@@ -479,3 +479,106 @@ def test_measure_counts_page_faults_a_call(monkeypatch):
         monkeypatch.setattr(qm, "build_call", lambda case, impl, call=call: (call, lambda: None))
         faults[name] = qm.measure(case, "reference", settings)["faults_per_call"]
     assert faults["fresh"] >= 200 and faults["same"] < 10
+
+
+def _coverage(n, k):
+    """1 - 2 P(Binomial(n, 1/2) < k): what the order statistics x_(k), x_(n+1-k) cover of the median."""
+    from math import comb
+
+    return 1 - 2 * sum(comb(n, j) for j in range(k)) / 2**n
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 6, 11, 20, 25, 41])
+def test_median_interval_takes_the_narrowest_order_statistics_that_cover_95_percent(n):
+    from qrkd.benchmark.measure import median_interval
+
+    values = [float(v) for v in range(n, 0, -1)]  # n, ..., 1: the function must sort
+    got = median_interval(values)
+    ks = [k for k in range(1, (n + 1) // 2 + 1) if _coverage(n, k) >= 0.95]
+    k = max(ks) if ks else 1
+    assert (got["low"], got["high"]) == (float(k), float(n + 1 - k))
+    assert got["level"] == pytest.approx(_coverage(n, k)) and got["n"] == n
+    assert got["median"] == (n + 1) / 2
+    if n >= 6:
+        assert got["level"] >= 0.95 and _coverage(n, k + 1) < 0.95
+
+
+def _fake_turns(monkeypatch, durations):
+    """measure_in_turns with calls that take `durations[impl]` seconds of a fake clock, and the order they ran in."""
+    import importlib
+
+    qm = importlib.import_module("qrkd.benchmark.measure")
+    clock = [0.0]
+    ran = []
+
+    def build_call(case, impl):
+        def call():
+            clock[0] += durations[impl]
+            ran.append(impl)
+            return 0.0
+
+        return call, lambda: None
+
+    monkeypatch.setattr(qm, "build_call", build_call)
+    monkeypatch.setattr(qm, "_clock", lambda: clock[0])
+    return qm, ran
+
+
+def _turn_settings(**kw):
+    return dict(dict(budget_s=100.0, target_s=0.05, min_sample_s=2.0**-8, turns_target_s=0.0), **kw)
+
+
+def test_measure_in_turns_rotates_the_order_and_times_equal_loops(monkeypatch):
+    from qrkd.benchmark.cases import make_case
+
+    qm, ran = _fake_turns(monkeypatch, {"reference": 2.0**-8, "torch": 2.0**-10})
+    out = qm.measure_in_turns(make_case("distance", "fwd", 8, 2, 2), ["reference", "torch"], _turn_settings())
+    assert out["status"] == "ok" and out["rounds"] == qm.TURN_ROUNDS[0]
+    assert out["inner"] == {"reference": 1, "torch": 4}  # as many calls a sample as fill min_sample_s
+    assert out["samples_s"]["reference"] == pytest.approx([2.0**-8] * 11)
+    assert out["samples_s"]["torch"] == pytest.approx([2.0**-10] * 11)
+    timed = ran[-11 * 5:]  # after the warm-up: rounds of one reference call and four torch calls
+    firsts = [timed[5 * r] for r in range(11)]
+    assert firsts == ["reference", "torch"] * 5 + ["reference"]
+    longer = qm.measure_in_turns(make_case("distance", "fwd", 8, 2, 2), ["reference", "torch"],
+                                 _turn_settings(turns_target_s=10.0))
+    assert longer["rounds"] == qm.TURN_ROUNDS[1]
+    skipped = qm.measure_in_turns(make_case("distance", "fwd", 8, 2, 2), ["reference", "torch"],
+                                  _turn_settings(budget_s=0.05))
+    assert skipped["status"] == "skipped" and "11 rounds do not fit" in skipped["detail"]
+
+
+@pytest.mark.parametrize("torch_s, verdict", [(0.001, "faster"), (0.003, "tie"), (0.006, "slower")])
+def test_turns_give_paired_ratios_and_verdicts(monkeypatch, torch_s, verdict):
+    from qrkd.benchmark.cases import make_case
+    from qrkd.benchmark.report import annotate_turns, turns_text
+
+    qm, _ = _fake_turns(monkeypatch, {"reference": 0.003, "torch": torch_s})
+    case = make_case("distance", "fwd", 8, 2, 2)
+    records = [{"impl": impl, "status": "ok", "case": case.to_dict(), "case_id": case.id, "median_s": 1.0,
+                "value": 1.0} for impl in ("reference", "torch")]
+    qb.annotate_case(records)
+    annotate_turns(records, qm.measure_in_turns(case, ["reference", "torch"], _turn_settings()))
+    ref, other = records
+    assert "speedup" not in ref["turns"] and ref["turns"]["rounds"] == 11
+    assert other["turns"]["speedup"] == pytest.approx(0.003 / torch_s)
+    assert other["turns"]["verdict"] == verdict and verdict in turns_text(other)
+    annotate_turns(records, {"status": "skipped", "detail": "too slow"})
+    assert other["turns"] == {"status": "skipped", "detail": "too slow"} and turns_text(other) == "skipped"
+
+
+def test_sweep_with_turns_reports_them(tmp_path, capsys):
+    argv = ["--relations", "distance", "--modes", "fwd", "--n", "32", "--d", "4", "--no-named", "--impls",
+            "reference,torch", "--turns", "--no-roofline", "--no-plots", "--out", str(tmp_path), "--machine",
+            "testbox"]
+    assert qb.main(argv) == 0
+    assert any(line.startswith("[turns") and "torch" in line for line in capsys.readouterr().out.splitlines())
+    (name,) = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
+    with open(tmp_path / name) as f:
+        data = json.load(f)
+    assert data["config"]["turns"] is True
+    turns = _result(data, "distance", "torch")["turns"]
+    assert turns["status"] == "ok" and 11 <= turns["rounds"] <= 41 and turns["verdict"] in ("faster", "tie", "slower")
+    assert turns["low"] <= turns["speedup"] <= turns["high"]
+    md = (tmp_path / (name[:-5] + ".md")).read_text()
+    assert "## In turns" in md and f"- torch: {turns['verdict']} in 1 of 1 cases" in md

@@ -31,6 +31,12 @@ before the measured calls, after gc and malloc_trim) minus its resident size at 
 the implementation above its inputs, libraries and compiled code; on a GPU torch.cuda.max_memory_allocated minus
 memory_allocated at the same point.
 
+In turns (--turns): after a case's processes, one more child times the implementations that ran against each other
+(measure_in_turns): a round times each once, as many calls a sample as fill min_sample_s, the order rotating from round
+to round, at least 11 rounds and up to 41 within twice the sample target per impl. Each round's reference time over an
+impl's is a paired ratio; report.annotate_turns gives their median, a distribution-free interval for it
+(measure.median_interval: order statistics covering at least 95%) and a verdict (faster, tie, slower).
+
 Roofline: before the sweep, in the parent process, the machine's float32 GEMM rate (torch.matmul from 1024^3, 4096^3 on
 a GPU, doubling until one call takes >= 50 ms, median of 5) and memory bandwidth (a triad over 128 MiB arrays) on the sweep's device; every
 record gets its work under the model of `roofline` (unit, units, flops), its throughput (units/s) and, against the
@@ -50,18 +56,19 @@ memory vs N, log-log, one line per impl). JSON schema "qrkd-bench/2":
      first_call_s, setup_s, peak_mem_bytes, baseline_mem_bytes, peak_rss_bytes, child_maxrss_bytes, mem_method,
      value, value_rel_diff, threads, wall_s, process_medians_s and process_faults_per_call (--repeats),
      reference_impl, ratio_to_reference, speedup{ref impl: ratio}, work{unit, units, flops,
-     flops_per_unit}, throughput, gflops, gemm_fraction, gemm_equivalent_gflop}]}
+     flops_per_unit}, throughput, gflops, gemm_fraction, gemm_equivalent_gflop, turns{status, detail, rounds, inner,
+     median_s, samples_s, and but for the reference impl speedup, low, high, level, verdict} (--turns)}]}
 ratio_to_reference = median of the case's reference impl / median of this impl (> 1: faster than the reference).
 Schema 1 files (no roofline) still load with --report.
 
 Modules, one per concern:
     cases            relations, modes, named shapes, grids; Case, make_case, plan
     implementations  which impls a case gets (qrkd.backends.supports), build_call: the call each one makes
-    measure          one measurement in the process making it: timing, MemoryProbe, classify_failure
+    measure          one measurement in the process making it: timing, in turns, MemoryProbe, classify_failure
     runner           the fork server and its children: Runner
     prediction       failures predicted from the sizes a series already ran
     machine          machine_info, machine_name, versions
-    report           annotate_case, the JSON file and the markdown tables; plots: the PNGs
+    report           annotate_case, annotate_turns, the JSON file and the markdown tables; plots: the PNGs
     roofline         the work model per relation, the machine's GEMM rate and bandwidth, the roofline fields
     formatting       times, sizes and ratios as printed
     cli              `qrkd bench` (main): options, the sweep loop, progress

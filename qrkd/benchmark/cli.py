@@ -18,7 +18,7 @@ from .implementations import implementations
 from .machine import _mem_available, machine_info, machine_name, versions
 from .measure import combine_processes
 from .prediction import _predict_failure, _record_history
-from .report import SCHEMA, _write_json, annotate_case, write_report
+from .report import SCHEMA, _write_json, annotate_case, annotate_turns, turns_text, write_report
 from .roofline import annotate_roofline, describe_rates, measure_machine
 from .runner import Runner
 
@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--repeats", type=_positive(int), default=1, help="fresh processes per (case, implementation), "
                    "run in turns across the implementations; a cell is the median of their medians (default 1)")
+    p.add_argument("--turns", action="store_true", help="after a case's processes, one more times its "
+                   "implementations against each other in turns: paired ratios to the reference, each with a 95%% "
+                   "interval and a verdict (faster, tie, slower)")
     p.add_argument("--no-roofline", action="store_true", help="skip measuring the GEMM rate and memory bandwidth")
     p.add_argument("--list", action="store_true", help="print the planned measurements and exit")
     p.add_argument("--report", metavar="JSON", help="only rewrite the markdown and the plots of a results file")
@@ -229,7 +232,7 @@ def main(argv=None) -> int:
             "named_timeout_factor": profile["named_timeout_factor"],
             "max_minutes": max_minutes, "merlin_max_n": merlin_max_n,
             "compiled": args.compiled, "settings": settings, "torch_threads": torch.get_num_threads(),
-            "repeats": args.repeats,
+            "repeats": args.repeats, "turns": args.turns,
         },
         "command": "qrkd bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
         "started": started.isoformat(timespec="seconds"),
@@ -295,6 +298,13 @@ def main(argv=None) -> int:
                 records.append(rec)
             records.sort(key=lambda r: impls.index(r["impl"]))
             annotate_case(records)
+            measured = [r["impl"] for r in records if r["status"] == "ok"]
+            if args.turns and records[0]["reference_impl"] in measured and len(measured) > 1:
+                extra = profile["compile_allowance"] if COMPILED in measured else 0.0
+                turn_settings = dict(settings, budget_s=0.75 * case_timeout + extra,
+                                     turns_target_s=2 * settings["target_s"] * len(measured))
+                annotate_turns(records, runner.run(case, measured, turn_settings, case_timeout + extra))
+                _progress_turns(t_start, case, records)
             annotate_roofline(records, data.get("roofline"))
             data["results"].extend(records)
             data["wall_s"] = time.perf_counter() - t_start
@@ -346,6 +356,13 @@ def parse_shapes(text, relations=RELATIONS):
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _progress_turns(t_start: float, case: Case, records: list) -> None:
+    elapsed = time.perf_counter() - t_start
+    parts = [f"{r['impl']} {turns_text(r)}" for r in records if turns_text(r)]
+    print(f"[turns {int(elapsed) // 60:>3}:{int(elapsed) % 60:02d}] {case.relation:<9}{case.mode:<7}"
+          f"{case.describe():<26}" + " · ".join(parts), flush=True)
 
 
 def _progress(done: int, total: int, t_start: float, case: Case, rec: dict) -> None:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import math
 import resource
 import statistics
 import time
 
 from .cases import COMPILED, Case
 from .implementations import build_call
+
+_clock = time.perf_counter  # measure_in_turns' clock (a test gives it one that its fake calls advance)
 
 
 def _proc_status(field: str) -> int:
@@ -117,6 +120,81 @@ def combine_processes(records: list) -> dict:
         peak_rss_bytes=max(r["peak_rss_bytes"] for r in records),
     )
     return out
+
+
+def median_interval(values: list, level: float = 0.95) -> dict:
+    """The median of `values` and a distribution-free interval for it: the order statistics x_(k) and x_(n+1-k) for
+    the largest k whose coverage, 1 - 2 P(Binomial(n, 1/2) < k), is at least `level`. Where n is too small for any k
+    to reach it, the smallest and the largest value, and `level` says what they cover (1 - 2^(1-n))."""
+    ordered = sorted(values)
+    n = len(ordered)
+    k, cover = 1, 1.0 - 2.0 * 0.5**n
+    below = 1  # the number of subsets behind P(B < k + 1) = (C(n,0) + ... + C(n,k)) / 2^n
+    for j in range(1, (n + 1) // 2):
+        below += math.comb(n, j)
+        wider = 1.0 - 2.0 * below / 2.0**n
+        if wider < level:
+            break
+        k, cover = j + 1, wider
+    return dict(median=statistics.median(ordered), low=ordered[k - 1], high=ordered[n - k], level=cover, n=n)
+
+
+TURN_ROUNDS = (11, 41)  # the fewest and the most rounds of measure_in_turns (11: a 98.8% interval for the median)
+
+
+def measure_in_turns(case: Case, impls: list, settings: dict, started: float | None = None) -> dict:
+    """Times the impls of one case in this process, in turns: each round times every impl once (`inner` calls each,
+    the same count in every round), the order rotating from round to round. A slow spell of the machine then falls on
+    all of them, and one round's times of two impls make a paired ratio. After a warm-up (a first call, then up to
+    three while they are cheap), rounds run until settings["turns_target_s"] has passed and TURN_ROUNDS[0] are done,
+    at most TURN_ROUNDS[1]; status "skipped" when the fewest rounds would not fit the budget."""
+    import torch
+
+    now = _clock
+    started = now() if started is None else started
+    budget_end = started + settings["budget_s"]
+    calls = {impl: build_call(case, impl) for impl in impls}
+    per_call = {}
+    for impl, (call, sync) in calls.items():
+        t0 = now()
+        call()
+        sync()
+        per_call[impl] = now() - t0
+        warm_end = now() + settings["target_s"] / 2
+        for _ in range(3):
+            if now() + per_call[impl] > warm_end:
+                break
+            t0 = now()
+            call()
+            sync()
+            per_call[impl] = min(per_call[impl], now() - t0)
+    inner = {impl: max(1, min(1000, int(settings["min_sample_s"] / max(t, 1e-7)))) for impl, t in per_call.items()}
+    round_s = sum(inner[i] * per_call[i] for i in impls)
+    fewest, most = TURN_ROUNDS
+    if now() + fewest * round_s > budget_end:
+        return {"status": "skipped", "detail": f"a round of turns takes {round_s:.3g} s: {fewest} rounds do not fit "
+                f"the {settings['budget_s']:g} s budget"}
+    samples = {impl: [] for impl in impls}
+    turns_end = now() + settings["turns_target_s"]
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for round_ in range(most):
+            if round_ >= fewest and (now() >= turns_end or now() + round_s > budget_end):
+                break
+            shift = round_ % len(impls)
+            for impl in impls[shift:] + impls[:shift]:
+                call, sync = calls[impl]
+                t0 = now()
+                for _ in range(inner[impl]):
+                    call()
+                sync()
+                samples[impl].append((now() - t0) / inner[impl])
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return {"status": "ok", "detail": "", "rounds": len(samples[impls[0]]), "inner": inner, "samples_s": samples,
+            "threads": torch.get_num_threads()}
 
 
 _WARM_UP_CALLS = 5  # at most, after the first, for calls faster than slow_s

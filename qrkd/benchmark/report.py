@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 
 from .cases import COMPILED, MODE_TITLES, MODES, REFERENCE_IMPLS, RELATIONS, Case
 from .formatting import _fmt_bytes, _fmt_count, _fmt_ratio, _fmt_time
 from .implementations import _impl_order, reference_impl
+from .measure import median_interval
 from .plots import write_plots
 from .roofline import describe_rates
 
@@ -42,6 +44,40 @@ def annotate_case(records: list) -> None:
         if anchor is not None and _value_group(r["impl"]) == "main" and r is not anchor:
             a, b = anchor["value"], r["value"]
             r["value_rel_diff"] = abs(a - b) / max(abs(a), 1e-30) if math.isfinite(a) and math.isfinite(b) else None
+
+
+def annotate_turns(records: list, turns: dict) -> None:
+    """Fills `turns` in each measured record of one case (after annotate_case) from a measure_in_turns result over
+    them: its median time in turns, and for every impl but the case's reference impl the median over the rounds of
+    the reference's time / its own, a distribution-free interval for that median (median_interval) and the verdict:
+    faster or slower where the interval lies above or below 1, tie where it holds 1."""
+    measured = [r for r in records if r["status"] == "ok"]
+    if turns["status"] != "ok":
+        for r in measured:
+            r["turns"] = {"status": turns["status"], "detail": turns.get("detail", "")}
+        return
+    ref = records[0]["reference_impl"]
+    base = turns["samples_s"][ref]
+    for r in measured:
+        mine = turns["samples_s"].get(r["impl"])
+        if mine is None:
+            continue
+        entry = {"status": "ok", "rounds": len(mine), "inner": turns["inner"][r["impl"]],
+                 "median_s": statistics.median(mine), "samples_s": mine}
+        if r["impl"] != ref:
+            ratio = median_interval([b / m for b, m in zip(base, mine)])
+            verdict = "faster" if ratio["low"] > 1 else "slower" if ratio["high"] < 1 else "tie"
+            entry.update(speedup=ratio["median"], low=ratio["low"], high=ratio["high"], level=ratio["level"],
+                         verdict=verdict)
+        r["turns"] = entry
+
+
+def turns_text(r: dict) -> str:
+    """A record's ratio in turns as printed: "1.23x [1.17, 1.29] faster"; "" where it has none."""
+    t = r.get("turns") or {}
+    if t.get("status") != "ok" or "speedup" not in t:
+        return t.get("status", "") if t.get("status") not in (None, "ok") else ""
+    return f"{_fmt_ratio(t['speedup'])} [{t['low']:.2f}, {t['high']:.2f}] {t['verdict']}"
 
 
 def _cell(r: dict, with_ratio: bool) -> str:
@@ -157,6 +193,7 @@ def write_markdown(data: dict, path: str) -> None:
             head = (f"| {c.n} | {c.ds} | {c.modes} | {c.photons} |" if relation == "photonic"
                     else f"| {c.n} | {c.ds} | {c.dt} |")
             lines.append(head + " " + " | ".join(_cell(by_impl.get(i), True) for i in impls) + " |")
+    lines += _turns_section(data)
     lines += _roofline_section(data)
     errors = [r for r in results if r["status"] == "error"]
     if errors:
@@ -168,6 +205,39 @@ def write_markdown(data: dict, path: str) -> None:
         lines += [f"- {r['case_id']} / {r['impl']}: relative difference {r['value_rel_diff']:.2e}" for r in mismatched]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def _turns_section(data: dict) -> list:
+    """With --turns: per impl how many cases it was faster, tied or slower in, then one row per case."""
+    timed = [r for r in data["results"] if r.get("turns")]
+    if not timed:
+        return []
+    lines = ["", "## In turns", ""]
+    lines.append("After a case's processes, one more process timed its implementations against each other in turns "
+                 "(a round times each once, the order rotating; at least 11 rounds, up to 41 within twice the sample "
+                 "target per implementation). Cells: the median over the rounds of the reference's time divided by "
+                 "this one's (> 1 is faster), a distribution-free interval for that median (order statistics, at "
+                 "least 95%), and the verdict: faster or slower where the interval lies above or below 1, tie where "
+                 "it holds 1. Skipped: 11 rounds did not fit the case's budget.")
+    lines.append("")
+    cases = _group(timed)
+    impls = _impl_order({r["impl"] for r in timed if "speedup" in r["turns"]})
+    for impl in impls:
+        verdicts = [r["turns"].get("verdict") for r in timed if r["impl"] == impl]
+        counts = ", ".join(f"{v} in {verdicts.count(v)}" for v in ("faster", "tie", "slower") if v in verdicts)
+        skipped = sum(v is None for v in verdicts)
+        lines.append(f"- {impl}: {counts or 'no ratio'} of {len(verdicts) - skipped} cases"
+                     + (f" ({skipped} skipped)" if skipped else ""))
+    lines += ["", "| relation | shape | mode | " + " | ".join(impls) + " |", "|" + "---|" * (3 + len(impls))]
+    order = {r: i for i, r in enumerate(RELATIONS)}
+    rows = sorted(cases.values(), key=lambda g: (order[g[0]["case"]["relation"]], MODES.index(g[0]["case"]["mode"]),
+                                                 g[0]["case"]["ds"], g[0]["case"]["dt"], g[0]["case"]["n"]))
+    for recs in rows:
+        c = Case.from_dict(recs[0]["case"])
+        by_impl = {r["impl"]: r for r in recs}
+        lines.append(f"| {c.relation} | {c.describe()} | {MODE_TITLES[c.mode]} | "
+                     + " | ".join(turns_text(by_impl[i]) if i in by_impl else "" for i in impls) + " |")
+    return lines
 
 
 def _roofline_cell(r: dict) -> str:

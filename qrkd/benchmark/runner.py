@@ -12,7 +12,7 @@ import time
 import warnings
 
 from .cases import Case
-from .measure import _limit_address_space, classify_failure, measure
+from .measure import _limit_address_space, classify_failure, measure, measure_in_turns
 
 _PREWARM_ENV = "QRKD_BENCH_PREWARM"
 
@@ -27,7 +27,10 @@ def _child_main(job: dict) -> None:
         case = Case.from_dict(job["case"])
         if case.device == "cpu" and job.get("mem_limit"):
             _limit_address_space(job["mem_limit"])
-        result = measure(case, job["impl"], job["settings"], started)
+        if isinstance(job["impl"], list):  # several impls: timed against each other in turns
+            result = measure_in_turns(case, job["impl"], job["settings"], started)
+        else:
+            result = measure(case, job["impl"], job["settings"], started)
     except BaseException as exc:  # a failure of the measured code is a result, not a crash of the sweep
         result = classify_failure(exc)
     try:
@@ -154,7 +157,8 @@ class Runner:
         line, self._buf = self._buf.split(b"\n", 1)
         return line.decode()
 
-    def run(self, case: Case, impl: str, settings: dict, timeout: float) -> dict:
+    def run(self, case: Case, impl, settings: dict, timeout: float) -> dict:
+        """One measurement of `impl` (a name) or, given a list of names, those impls timed in turns in one child."""
         try:
             return self._run(case, impl, settings, timeout)
         except ServerDied as exc:
