@@ -190,3 +190,20 @@ def test_fidelity_moments_under_compile_and_inference_mode():
     torch.testing.assert_close(first, eager.detach(), rtol=1e-12, atol=0)
     torch.testing.assert_close(y.grad, y_eager.grad, rtol=1e-12, atol=1e-15)
     assert all(type(b) is torch.Tensor for bases in fidelity_moments._BASES.values() for b in bases)
+
+
+@pytest.mark.parametrize("swap", [False, True])
+def test_fidelity_whole_gradient_where_u_reaches_one(swap):
+    # parallel rows (K = 1 for every pair; scaled, some negated) against orthogonal ones (K = 0 off the diagonal): every
+    # u = K_s - K_t off the diagonal sits at +-1, the edge of smooth_l1's quadratic part, which the whole-matrix pass
+    # with gradient (N < 363) takes as u^2 / 2 with derivative u, unclamped
+    from parity import check_parity
+    from qrkd.backends import pure_torch
+
+    n = 24
+    g = torch.Generator().manual_seed(5)
+    parallel = torch.randn(n, 1, generator=g, dtype=torch.float64) * torch.randn(1, n, generator=g, dtype=torch.float64)
+    orthogonal = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+    orthogonal = orthogonal * (1 + torch.rand(n, 1, generator=g, dtype=torch.float64))
+    s, t = (orthogonal, parallel) if swap else (parallel, orthogonal)
+    check_parity("fidelity", pure_torch, s, t)
