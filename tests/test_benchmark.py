@@ -374,6 +374,14 @@ def test_selected_shapes(capsys):
     assert qb.main(["--tags", "issue4", "--list"]) == 0
     out = capsys.readouterr().out
     assert "photonic-fwd-float32-cpu-N4096-d4-m10-n5" in out and "N128" not in out
+    # --grid: the same selection and the grid in one run; a grid case that is a named shape is listed once, tagged
+    assert qb.main(["--shapes", "angle:2048:4:31@cpp", "--tags", "seed,issue3", "--grid", "--relations",
+                    "fidelity,angle", "--modes", "fwd", "--list"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines() if "-float32-" in line]
+    grid = qb.plan(relations=("fidelity", "angle"), modes=("fwd",), named=False)
+    assert set(c.id for c in grid) < set(names) and len(names) == len(set(names))
+    assert "angle-fwd-float32-cpu-N2048-Ds4-Dt31" in names and "fidelity-fwd-float32-cpu-N128-Ds4-Dt31" in names
+    assert len(names) == len(grid) + 1 + 2 + 2  # the shape, the seed's two and issue3's angle shapes off the grid
 
 
 @pytest.mark.parametrize("argv", [["--shapes", "angle"], ["--shapes", "cube:12"], ["--shapes", "angle:x"],

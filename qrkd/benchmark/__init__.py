@@ -43,7 +43,8 @@ record gets its work under the model of `roofline` (unit, units, flops), its thr
 GEMM rate, its fraction and its equivalent GEMM GFLOP (time x GEMM GFLOP/s). --no-roofline skips the measurement.
 
 Selection: --relations, --modes, --n, --d, --impls select from the grid; --tags keeps only the named shapes with those
-tags, --shapes RELATION:N[:DS[:DT]][@IMPL+...] measures exact shapes (tagged "selected"), both without the grid.
+tags, --shapes RELATION:N[:DS[:DT]][@IMPL+...] measures exact shapes (tagged "selected"), both without the grid
+unless --grid.
 
 Output (bench/results by default): <machine>-<date>[-quick].json, .md (tables) and -<relation>.png (time and peak
 memory vs N, log-log, one line per impl). JSON schema "qrkd-bench/2":

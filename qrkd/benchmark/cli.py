@@ -96,9 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--d", help="comma-separated feature widths (Ds = Dt) replacing the grid's")
     p.add_argument("--no-named", action="store_true", help="leave out the seed's and the issues' named shapes")
     p.add_argument("--tags", help="only the named shapes with one of these tags (comma-separated, e.g. seed,issue4), "
-                   "no grid")
+                   "no grid unless --grid")
     p.add_argument("--shapes", help="only these exact shapes (and the named ones unless --no-named or --tags), no "
-                   "grid: comma-separated RELATION:N[:DS[:DT]][@IMPL+IMPL...], e.g. angle:2048:4:31@cpp,photonic:4096")
+                   "grid unless --grid: comma-separated RELATION:N[:DS[:DT]][@IMPL+IMPL...], e.g. angle:2048:4:31@cpp,photonic:4096")
+    p.add_argument("--grid", action="store_true", help="with --tags or --shapes: the grid as well, so that one run "
+                   "holds both")
     p.add_argument("--impls", help="measure only these impls (comma-separated)")
     p.add_argument("--exclude-impls", default="", help="comma-separated impls to leave out")
     p.add_argument("--compiled", choices=("auto", "all", "none"), default="auto",
@@ -185,8 +187,11 @@ def main(argv=None) -> int:
                  named=not args.no_named)
     impls_for = {}
     if shapes is not None or tags:
+        grid = plan(device, args.quick, relations, mode_list, tuple(dtypes), ns or None, ds or None,
+                    named=False) if args.grid else []
         cases = [c for c in cases if set(c.tags) & tags] if tags else \
             ([] if args.no_named else [c for c in cases if c.tags])
+        cases += [c for c in grid if c not in cases]
         for relation, n, d_s, d_t, only in shapes or []:
             for dtype in dtypes:
                 for mode in mode_list:
