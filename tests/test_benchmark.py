@@ -543,17 +543,17 @@ def test_measure_in_turns_rotates_the_order_and_times_equal_loops(monkeypatch):
     out = qm.measure_in_turns(make_case("distance", "fwd", 8, 2, 2), ["reference", "torch"], _turn_settings())
     assert out["status"] == "ok" and out["rounds"] == qm.TURN_ROUNDS[0]
     assert out["inner"] == {"reference": 1, "torch": 4}  # as many calls a sample as fill min_sample_s
-    assert out["samples_s"]["reference"] == pytest.approx([2.0**-8] * 11)
-    assert out["samples_s"]["torch"] == pytest.approx([2.0**-10] * 11)
-    timed = ran[-11 * 5:]  # after the warm-up: rounds of one reference call and four torch calls
-    firsts = [timed[5 * r] for r in range(11)]
-    assert firsts == ["reference", "torch"] * 5 + ["reference"]
+    assert out["samples_s"]["reference"] == pytest.approx([2.0**-8] * 6)
+    assert out["samples_s"]["torch"] == pytest.approx([2.0**-10] * 6)
+    timed = ran[-6 * 5:]  # after the warm-up: rounds of one reference call and four torch calls
+    firsts = [timed[5 * r] for r in range(6)]
+    assert firsts == ["reference", "torch"] * 3
     longer = qm.measure_in_turns(make_case("distance", "fwd", 8, 2, 2), ["reference", "torch"],
                                  _turn_settings(turns_target_s=10.0))
     assert longer["rounds"] == qm.TURN_ROUNDS[1]
     skipped = qm.measure_in_turns(make_case("distance", "fwd", 8, 2, 2), ["reference", "torch"],
                                   _turn_settings(budget_s=0.05))
-    assert skipped["status"] == "skipped" and "11 rounds do not fit" in skipped["detail"]
+    assert skipped["status"] == "skipped" and "6 rounds do not fit" in skipped["detail"]
 
 
 @pytest.mark.parametrize("torch_s, verdict", [(0.001, "faster"), (0.003, "tie"), (0.006, "slower")])
@@ -568,7 +568,7 @@ def test_turns_give_paired_ratios_and_verdicts(monkeypatch, torch_s, verdict):
     qb.annotate_case(records)
     annotate_turns(records, qm.measure_in_turns(case, ["reference", "torch"], _turn_settings()))
     ref, other = records
-    assert "speedup" not in ref["turns"] and ref["turns"]["rounds"] == 11
+    assert "speedup" not in ref["turns"] and ref["turns"]["rounds"] == 6
     assert other["turns"]["speedup"] == pytest.approx(0.003 / torch_s)
     assert other["turns"]["verdict"] == verdict and verdict in turns_text(other)
     annotate_turns(records, {"status": "skipped", "detail": "too slow"})
@@ -586,7 +586,7 @@ def test_sweep_with_turns_reports_them(tmp_path, capsys):
         data = json.load(f)
     assert data["config"]["turns"] is True
     turns = _result(data, "distance", "torch")["turns"]
-    assert turns["status"] == "ok" and 11 <= turns["rounds"] <= 41 and turns["verdict"] in ("faster", "tie", "slower")
+    assert turns["status"] == "ok" and 6 <= turns["rounds"] <= 41 and turns["verdict"] in ("faster", "tie", "slower")
     assert turns["low"] <= turns["speedup"] <= turns["high"]
     md = (tmp_path / (name[:-5] + ".md")).read_text()
     assert "## In turns" in md and f"- torch: {turns['verdict']} in 1 of 1 cases" in md

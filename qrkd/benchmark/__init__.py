@@ -33,7 +33,7 @@ memory_allocated at the same point.
 
 In turns (--turns): after a case's processes, one more child times the implementations that ran against each other
 (measure_in_turns): a round times each once, as many calls a sample as fill min_sample_s, the order rotating from round
-to round, at least 11 rounds and up to 41 within twice the sample target per impl. Each round's reference time over an
+to round, at least 6 rounds and up to 41 within twice the sample target per impl. Each round's reference time over an
 impl's is a paired ratio; report.annotate_turns gives their median, a distribution-free interval for it
 (measure.median_interval: order statistics covering at least 95%) and a verdict (faster, tie, slower).
 

@@ -214,11 +214,11 @@ def _turns_section(data: dict) -> list:
         return []
     lines = ["", "## In turns", ""]
     lines.append("After a case's processes, one more process timed its implementations against each other in turns "
-                 "(a round times each once, the order rotating; at least 11 rounds, up to 41 within twice the sample "
+                 "(a round times each once, the order rotating; at least 6 rounds, up to 41 within twice the sample "
                  "target per implementation). Cells: the median over the rounds of the reference's time divided by "
                  "this one's (> 1 is faster), a distribution-free interval for that median (order statistics, at "
                  "least 95%), and the verdict: faster or slower where the interval lies above or below 1, tie where "
-                 "it holds 1. Skipped: 11 rounds did not fit the case's budget.")
+                 "it holds 1. Skipped: 6 rounds did not fit the case's budget.")
     lines.append("")
     cases = _group(timed)
     impls = _impl_order({r["impl"] for r in timed if "speedup" in r["turns"]})
