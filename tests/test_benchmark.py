@@ -382,6 +382,11 @@ def test_selected_shapes(capsys):
     assert set(c.id for c in grid) < set(names) and len(names) == len(set(names))
     assert "angle-fwd-float32-cpu-N2048-Ds4-Dt31" in names and "fidelity-fwd-float32-cpu-N128-Ds4-Dt31" in names
     assert len(names) == len(grid) + 1 + 2 + 2  # the shape, the seed's two and issue3's angle shapes off the grid
+    # a shape on the grid keeps the grid's impls and adds its own (a sweep that lost them did not compare the rest)
+    assert qb.main(["--shapes", "angle:64:4@cpp", "--grid", "--relations", "angle", "--modes", "fwd", "--n", "64",
+                    "--d", "4", "--impls", "reference,torch", "--no-named", "--list"]) == 0
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if "-float32-" in line]
+    assert line.split() == ["angle-fwd-float32-cpu-N64-Ds4-Dt4", "selected", "reference,", "torch,", "cpp"]
 
 
 @pytest.mark.parametrize("argv", [["--shapes", "angle"], ["--shapes", "cube:12"], ["--shapes", "angle:x"],
@@ -554,6 +559,11 @@ def test_measure_in_turns_rotates_the_order_and_times_equal_loops(monkeypatch):
     skipped = qm.measure_in_turns(make_case("distance", "fwd", 8, 2, 2), ["reference", "torch"],
                                   _turn_settings(budget_s=0.05))
     assert skipped["status"] == "skipped" and "6 rounds do not fit" in skipped["detail"]
+    qm, ran = _fake_turns(monkeypatch, {"reference": 10.0, "torch": 2.0**-10})
+    early = qm.measure_in_turns(make_case("distance", "fwd", 8, 2, 2), ["reference", "torch"],
+                                _turn_settings(budget_s=30.0))
+    assert early["status"] == "skipped" and "over 10 s" in early["detail"]
+    assert ran == ["reference"]  # one call told it: neither the reference's warm-up nor torch's calls ran
 
 
 @pytest.mark.parametrize("torch_s, verdict", [(0.001, "faster"), (0.003, "tie"), (0.006, "slower")])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -98,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tags", help="only the named shapes with one of these tags (comma-separated, e.g. seed,issue4), "
                    "no grid unless --grid")
     p.add_argument("--shapes", help="only these exact shapes (and the named ones unless --no-named or --tags), no "
-                   "grid unless --grid: comma-separated RELATION:N[:DS[:DT]][@IMPL+IMPL...], e.g. angle:2048:4:31@cpp,photonic:4096")
+                   "grid unless --grid: comma-separated RELATION:N[:DS[:DT]][@IMPL+IMPL...], e.g. "
+                   "angle:2048:4:31@cpp,photonic:4096")
     p.add_argument("--grid", action="store_true", help="with --tags or --shapes: the grid as well, so that one run "
                    "holds both")
     p.add_argument("--impls", help="measure only these impls (comma-separated)")
@@ -185,6 +187,7 @@ def main(argv=None) -> int:
         return _fail(str(exc))
     cases = plan(device, args.quick, relations, mode_list, tuple(dtypes), ns or None, ds or None,
                  named=not args.no_named)
+    include = set(_csv(args.impls)) or None
     impls_for = {}
     if shapes is not None or tags:
         grid = plan(device, args.quick, relations, mode_list, tuple(dtypes), ns or None, ds or None,
@@ -198,11 +201,16 @@ def main(argv=None) -> int:
                     case = make_case(relation, mode, n, d_s, d_t, dtype, device, ("selected",))
                     if only:
                         impls_for[case] = set(only) | impls_for.get(case, set())
-                    if case not in cases:
+                    if case in cases:  # a named shape or a grid case: measured once, tagged "selected" as well
+                        i = cases.index(case)
+                        cases[i] = dataclasses.replace(cases[i], tags=tuple(sorted({*cases[i].tags, "selected"})))
+                    else:
                         cases.append(case)
+        for case in grid:  # a grid case keeps the grid's impls; a shape's @IMPL adds to them
+            if case in impls_for:
+                impls_for[case] = None if include is None else impls_for[case] | include
         order = {r: i for i, r in enumerate(RELATIONS)}
         cases.sort(key=lambda c: (c.n, order[c.relation], c.ds, c.dt, c.dtype, MODES.index(c.mode)))
-    include = set(_csv(args.impls)) or None
     exclude = set(_csv(args.exclude_impls))
     work = [(c, implementations(c, compiled=args.compiled, quick=args.quick, merlin_max_n=merlin_max_n,
                                 include=impls_for.get(c, include), exclude=exclude)) for c in cases]

@@ -154,12 +154,15 @@ def measure_in_turns(case: Case, impls: list, settings: dict, started: float | N
     started = now() if started is None else started
     budget_end = started + settings["budget_s"]
     calls = {impl: build_call(case, impl) for impl in impls}
+    fewest, most = TURN_ROUNDS
     per_call = {}
     for impl, (call, sync) in calls.items():
         t0 = now()
         call()
         sync()
         per_call[impl] = now() - t0
+        if now() + fewest * sum(per_call.values()) > budget_end:
+            break  # no need to warm up the rest: the rounds cannot fit
         warm_end = now() + settings["target_s"] / 2
         for _ in range(3):
             if now() + per_call[impl] > warm_end:
@@ -169,11 +172,10 @@ def measure_in_turns(case: Case, impls: list, settings: dict, started: float | N
             sync()
             per_call[impl] = min(per_call[impl], now() - t0)
     inner = {impl: max(1, min(1000, int(settings["min_sample_s"] / max(t, 1e-7)))) for impl, t in per_call.items()}
-    round_s = sum(inner[i] * per_call[i] for i in impls)
-    fewest, most = TURN_ROUNDS
-    if now() + fewest * round_s > budget_end:
-        return {"status": "skipped", "detail": f"a round of turns takes {round_s:.3g} s: {fewest} rounds do not fit "
-                f"the {settings['budget_s']:g} s budget"}
+    round_s = sum(inner[i] * per_call[i] for i in per_call)
+    if len(per_call) < len(impls) or now() + fewest * round_s > budget_end:
+        return {"status": "skipped", "detail": f"a round of turns takes {'over ' if len(per_call) < len(impls) else ''}"
+                f"{round_s:.3g} s: {fewest} rounds do not fit the {settings['budget_s']:g} s budget"}
     samples = {impl: [] for impl in impls}
     turns_end = now() + settings["turns_target_s"]
     gc_was_enabled = gc.isenabled()
