@@ -5,7 +5,7 @@ in tests/test_backend_contract.py."""
 import pytest
 import torch
 
-from parity import check_fidelity_moments_route, value_and_grad
+from parity import check_fidelity_moments_route, check_parity, value_and_grad
 from qrkd.backends import reference
 
 
@@ -197,7 +197,6 @@ def test_fidelity_whole_gradient_where_u_reaches_one(swap):
     # parallel rows (K = 1 for every pair; scaled, some negated) against orthogonal ones (K = 0 off the diagonal): every
     # u = K_s - K_t off the diagonal sits at +-1, the edge of smooth_l1's quadratic part, which the whole-matrix pass
     # with gradient (N < 363) takes as u^2 / 2 with derivative u, unclamped
-    from parity import check_parity
     from qrkd.backends import pure_torch
 
     n = 24

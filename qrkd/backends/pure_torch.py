@@ -409,43 +409,40 @@ def _fidelity_loss_graph(student, teacher):
 _FIDELITY_BLOCK_ELEMENTS = 1 << 18
 # without gradient the whole matrices serve up to N^2 = _FIDELITY_BLOCK_ELEMENTS (N = 512) unless N^2 D exceeds this:
 # the blocks' upper triangle saves a quarter of the GEMM, but costs their ops and a lopsided first block (N = 384 takes
-# 341 rows). In turns, forward, blocks against whole matrices: N = 384, D = 64 728 against 452 us (the reference 568),
+# 341 rows). In turns, forward, blocks against whole matrices (then summed by huber_loss): N = 384, D = 64 728 against 452 us (the reference 568),
 # D = 512 (N^2 D = 75 M) 2537 against 2329 (2513); N = 448, D = 256 1708 against 1590; N = 512, D = 64 985 against 744;
 # N = 512, D = 512 (134 M) 3548 against 3912, kept in blocks
 _FIDELITY_WHOLE_FORWARD_WORK = 3 << 25
 
 
 def fidelity_pass(student, teacher, want_grad):
-    """(loss, dloss/dstudent or None) of the loss: the mean over the N^2 ordered pairs of smooth_l1(K_s - K_t). K is
-    symmetric, so from N = 363 on (2 N^2 > _FIDELITY_BLOCK_ELEMENTS; without gradient, past N = 512 or a large N^2 D)
-    the pass forms its upper triangle only, in blocks of rows i0:i1 against the columns i0:N (their sums added in
-    float64): a block's diagonal square counts once, the rest of it twice; narrow features from N = 363 on take
-    fidelity_moments instead, where that costs less. With want_grad the same pass forms the gradient: dS/dpsi_u =
-    4 sum_v g_uv G_uv psi_v for the sum S (g = clamp(K_s - K_t, -1, 1), G the student Gram), each block's product
-    adding its rows' terms and, transposed, its columns' beyond the square. Below N = 363 it takes the whole
-    matrices instead (with gradient in fewer ops, from g = K_s - K_t)."""
+    """(loss, dloss/dstudent or None) of the loss: the mean over the N^2 ordered pairs of smooth_l1(K_s - K_t).
+    Below N = 363 (2 N^2 <= _FIDELITY_BLOCK_ELEMENTS; without gradient up to N = 512 unless N^2 D is large) it forms the
+    whole matrices. u = K_s - K_t lies in [-1, 1], where smooth_l1(u) = u^2 / 2 and its derivative is u (as in
+    fidelity_moments), so the loss is the sum of u^2, squared in place (a float32 dot product would be faster but 30x
+    less accurate: 1.8e-6 against 6e-8 at N = 512, D = 128), and dS/dpsi_u = 4 sum_v u_uv G_uv psi_v for the sum S (G
+    the student Gram). Beyond, narrow features take fidelity_moments where that costs less; the rest uses K's symmetry:
+    the upper triangle only, in blocks of rows i0:i1 against the columns i0:N (their sums added in float64), a block's
+    diagonal square counted once, the rest of it twice, each block's product adding its rows' gradient terms and,
+    transposed, its columns' beyond the square."""
     n, width = student.shape
     if 2 * n * n > _FIDELITY_BLOCK_ELEMENTS and fidelity_moments.cheaper(n, width):
         return fidelity_moments.loss_and_grad(student, teacher, want_grad)
     x = torch.stack((student, teacher))  # the common width (the public loss cuts both sides to it)
     norm = torch.linalg.vector_norm(x, dim=2, keepdim=True)
     psi = x.div_(norm.clamp(min=EPS))
-    whole_forward = 2 * n * n <= _FIDELITY_BLOCK_ELEMENTS or (
-        n * n <= _FIDELITY_BLOCK_ELEMENTS and n * n * width <= _FIDELITY_WHOLE_FORWARD_WORK)
     pairs = float(n) ** 2
     psi_s = psi[0]
-    # the whole matrices, in the fewest ops and temporaries: u = K_s - K_t lies in [-1, 1], where smooth_l1(u) = u^2 / 2
-    # and its derivative is u (fidelity_moments), so the loss is the sum of u^2 (squared in place; a float32 dot
-    # product would be faster but 30x less accurate: 1.8e-6 against 6e-8 at N = 512, D = 128)
-    if not want_grad and whole_forward:
-        k = torch.bmm(psi, psi.transpose(1, 2)).square_()
-        return k[0].sub_(k[1]).square_().sum().mul_(0.5 / pairs), None
-    if want_grad and 2 * n * n <= _FIDELITY_BLOCK_ELEMENTS:
+    whole = 2 * n * n <= _FIDELITY_BLOCK_ELEMENTS or (
+        not want_grad and n * n <= _FIDELITY_BLOCK_ELEMENTS and n * n * width <= _FIDELITY_WHOLE_FORWARD_WORK)
+    if whole:
         gram = torch.bmm(psi, psi.transpose(1, 2))
-        k = torch.square(gram)
+        k = torch.square(gram) if want_grad else gram.square_()
         u = k[0].sub_(k[1])
-        d_psi = gram[0].mul_(u) @ psi_s
+        d_psi = gram[0].mul_(u) @ psi_s if want_grad else None
         loss = u.square_().sum().mul_(0.5 / pairs)
+        if not want_grad:
+            return loss, None
         return loss, fidelity_moments.unit_rows_backward(psi_s, norm[0], d_psi.mul_(4.0 / pairs))
     d_psi = None
     i0 = 0

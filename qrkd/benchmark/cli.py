@@ -17,7 +17,7 @@ from .cases import COMPILED, MODES, NAMED, REFERENCE_IMPLS, RELATIONS, Case, mak
 from .formatting import _fmt_bytes, _fmt_time
 from .implementations import implementations
 from .machine import _mem_available, machine_info, machine_name, versions
-from .measure import combine_processes
+from .measure import TURN_TARGET_PER_IMPL, combine_processes
 from .prediction import _predict_failure, _record_history
 from .report import SCHEMA, _write_json, annotate_case, annotate_turns, turns_text, write_report
 from .roofline import annotate_roofline, describe_rates, measure_machine
@@ -315,7 +315,7 @@ def main(argv=None) -> int:
             if args.turns and records[0]["reference_impl"] in measured and len(measured) > 1:
                 extra = profile["compile_allowance"] if COMPILED in measured else 0.0
                 turn_settings = dict(settings, budget_s=0.75 * case_timeout + extra,
-                                     turns_target_s=2 * settings["target_s"] * len(measured))
+                                     turns_target_s=TURN_TARGET_PER_IMPL * settings["target_s"] * len(measured))
                 annotate_turns(records, runner.run(case, measured, turn_settings, case_timeout + extra))
                 _progress_turns(t_start, case, records)
             annotate_roofline(records, data.get("roofline"))

@@ -122,6 +122,23 @@ def combine_processes(records: list) -> dict:
     return out
 
 
+def _calls_per_sample(per_call: float, min_sample_s: float) -> int:
+    """Calls timed as one sample: as many as fill min_sample_s (at most 1000), one for a slower call."""
+    return max(1, min(1000, int(min_sample_s / max(per_call, 1e-7)))) if per_call < min_sample_s else 1
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """No garbage collection inside the timed calls (a collection would land in one sample)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def median_interval(values: list, level: float = 0.95) -> dict:
     """The median of `values` and a distribution-free interval for it: the order statistics x_(k) and x_(n+1-k) for
     the largest k whose coverage, 1 - 2 P(Binomial(n, 1/2) < k), is at least `level`. Where n is too small for any k
@@ -140,6 +157,7 @@ def median_interval(values: list, level: float = 0.95) -> dict:
 
 
 TURN_ROUNDS = (6, 41)  # the fewest and the most rounds of measure_in_turns (6: min to max, a 96.9% interval)
+TURN_TARGET_PER_IMPL = 2  # rounds run for this many sample targets (target_s) per impl, past the fewest
 
 
 def measure_in_turns(case: Case, impls: list, settings: dict, started: float | None = None) -> dict:
@@ -171,16 +189,14 @@ def measure_in_turns(case: Case, impls: list, settings: dict, started: float | N
             call()
             sync()
             per_call[impl] = min(per_call[impl], now() - t0)
-    inner = {impl: max(1, min(1000, int(settings["min_sample_s"] / max(t, 1e-7)))) for impl, t in per_call.items()}
+    inner = {impl: _calls_per_sample(t, settings["min_sample_s"]) for impl, t in per_call.items()}
     round_s = sum(inner[i] * per_call[i] for i in per_call)
     if len(per_call) < len(impls) or now() + fewest * round_s > budget_end:
         return {"status": "skipped", "detail": f"a round of turns takes {'over ' if len(per_call) < len(impls) else ''}"
                 f"{round_s:.3g} s: {fewest} rounds do not fit the {settings['budget_s']:g} s budget"}
     samples = {impl: [] for impl in impls}
     turns_end = now() + settings["turns_target_s"]
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with _gc_paused():
         for round_ in range(most):
             if round_ >= fewest and (now() >= turns_end or now() + round_s > budget_end):
                 break
@@ -192,9 +208,6 @@ def measure_in_turns(case: Case, impls: list, settings: dict, started: float | N
                     call()
                 sync()
                 samples[impl].append((now() - t0) / inner[impl])
-    finally:
-        if gc_was_enabled:
-            gc.enable()
     return {"status": "ok", "detail": "", "rounds": len(samples[impls[0]]), "inner": inner, "samples_s": samples,
             "threads": torch.get_num_threads()}
 
@@ -245,14 +258,10 @@ def measure(case: Case, impl: str, settings: dict, started: float | None = None)
             if now() >= warm_end:
                 break
         probe.reset()
-    inner = 1
-    if per_call < settings["min_sample_s"]:
-        inner = max(1, min(1000, int(settings["min_sample_s"] / max(per_call, 1e-7))))
+    inner = _calls_per_sample(per_call, settings["min_sample_s"])
     timing_start = now()
     faults_start, timed_calls = _page_faults(), 0
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with _gc_paused():
         while len(samples) < settings["max_reps"]:
             spent = now() - (calls_start if slow else timing_start)
             if len(samples) >= settings["min_reps"] and spent >= settings["target_s"]:
@@ -267,9 +276,6 @@ def measure(case: Case, impl: str, settings: dict, started: float | None = None)
             sync()
             samples.append((now() - t0) / inner)
             timed_calls += inner
-    finally:
-        if gc_was_enabled:
-            gc.enable()
     faults_per_call = (_page_faults() - faults_start) / timed_calls if timed_calls else None
     if not slow:
         peak, peak_abs = probe.peak()

@@ -10,7 +10,7 @@ import statistics
 from .cases import COMPILED, MODE_TITLES, MODES, REFERENCE_IMPLS, RELATIONS, Case
 from .formatting import _fmt_bytes, _fmt_count, _fmt_ratio, _fmt_time
 from .implementations import _impl_order, reference_impl
-from .measure import median_interval
+from .measure import TURN_ROUNDS, TURN_TARGET_PER_IMPL, median_interval
 from .plots import write_plots
 from .roofline import describe_rates
 
@@ -213,12 +213,13 @@ def _turns_section(data: dict) -> list:
     if not timed:
         return []
     lines = ["", "## In turns", ""]
+    fewest, most = TURN_ROUNDS
     lines.append("After a case's processes, one more process timed its implementations against each other in turns "
-                 "(a round times each once, the order rotating; at least 6 rounds, up to 41 within twice the sample "
-                 "target per implementation). Cells: the median over the rounds of the reference's time divided by "
-                 "this one's (> 1 is faster), a distribution-free interval for that median (order statistics, at "
-                 "least 95%), and the verdict: faster or slower where the interval lies above or below 1, tie where "
-                 "it holds 1. Skipped: 6 rounds did not fit the case's budget.")
+                 f"(a round times each once, the order rotating; at least {fewest} rounds, up to {most} within "
+                 f"{TURN_TARGET_PER_IMPL} sample targets per implementation). Cells: the median over the rounds of the "
+                 "reference's time divided by this one's (> 1 is faster), a distribution-free interval for that median "
+                 "(order statistics, at least 95%), and the verdict: faster or slower where the interval lies above or "
+                 f"below 1, tie where it holds 1. Skipped: {fewest} rounds did not fit the case's budget.")
     lines.append("")
     cases = _group(timed)
     impls = _impl_order({r["impl"] for r in timed if "speedup" in r["turns"]})
